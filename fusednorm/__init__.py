@@ -1,0 +1,27 @@
+"""fusednorm: fused residual-add + LayerNorm/RMSNorm with residual scaling (Admin, DeepNorm).
+
+See README.md for usage and DESIGN.md for the math and the contract.
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.fusednorm.*)
+from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
+from .functional import (
+    AddLayerNormFunction,
+    AddRMSNormFunction,
+    LayerNormFunction,
+    RMSNormFunction,
+    add_layer_norm,
+    add_rms_norm,
+    layer_norm,
+    rms_norm,
+)
+from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm, replace_norms
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddLayerNorm", "AddLayerNormFunction", "AddRMSNorm", "AddRMSNormFunction",
+    "BackendUnavailableError", "LayerNorm", "LayerNormFunction", "RMSNorm", "RMSNormFunction",
+    "add_layer_norm", "add_rms_norm", "available_backends", "get_backend", "layer_norm",
+    "replace_norms", "rms_norm", "set_backend",
+]
