@@ -27,8 +27,6 @@ sees opaque ops with exact fake (meta) functions below, so it traces without gra
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -37,9 +35,9 @@ from .backends.common import compute_dtype, dresidual_is_dx
 
 
 @torch.library.custom_op("fusednorm::fwd", mutates_args=())
-def fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-        residual_scale: Optional[Tensor], scale_value: float, eps: float, dropout_p: float,
-        seed: Optional[Tensor], is_rms: bool, store_h: bool, h_dtype: torch.dtype,
+def fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+        residual_scale: Tensor | None, scale_value: float, eps: float, dropout_p: float,
+        seed: Tensor | None, is_rms: bool, store_h: bool, h_dtype: torch.dtype,
         backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return backends.implementation(backend).forward(
         x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, seed, is_rms,
@@ -59,11 +57,11 @@ def _fwd_fake(x, residual, weight, bias, residual_scale, scale_value, eps, dropo
 
 
 @torch.library.custom_op("fusednorm::bwd", mutates_args=())
-def bwd(dy: Tensor, dh_in: Optional[Tensor], x: Optional[Tensor], residual: Optional[Tensor],
-        h: Optional[Tensor], weight: Optional[Tensor], bias_dtype: Optional[torch.dtype],
-        residual_scale: Optional[Tensor], scale_value: float, mean: Tensor, rstd: Tensor,
-        dropout_p: float, seed: Optional[Tensor], is_rms: bool, x_dtype: torch.dtype,
-        residual_dtype: Optional[torch.dtype], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def bwd(dy: Tensor, dh_in: Tensor | None, x: Tensor | None, residual: Tensor | None,
+        h: Tensor | None, weight: Tensor | None, bias_dtype: torch.dtype | None,
+        residual_scale: Tensor | None, scale_value: float, mean: Tensor, rstd: Tensor,
+        dropout_p: float, seed: Tensor | None, is_rms: bool, x_dtype: torch.dtype,
+        residual_dtype: torch.dtype | None, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return backends.implementation(backend).backward(
         dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd, dropout_p,
         seed, is_rms, x_dtype, residual_dtype)

@@ -37,6 +37,8 @@ def _why_unavailable(name: str, device: torch.device | None) -> str | None:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton backend unavailable: the triton package is not installed (pip install triton)"
+        if importlib.util.find_spec("fusednorm.triton") is None:
+            return "triton backend unavailable: this copy of fusednorm has no fusednorm/triton kernels"
         if device is not None and device.type != "cuda" and not _triton_interpreted():
             return (f"triton backend needs CUDA tensors (got {device.type} tensors); "
                     "set TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU")

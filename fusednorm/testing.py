@@ -1,0 +1,274 @@
+"""The correctness method of DESIGN section 6, shared by the tests and ``python -m fusednorm.check``.
+
+The oracle here is written from the math of DESIGN sections 1 and 2 with plain float64 torch ops
+and autograd; it imports nothing from the backends (only the dropout mask's definition, which is
+part of the spec). Each case is compared three ways on fresh random inputs:
+
+    fused     : the public function on the backend under test
+    reference : float64 autograd of the formulas, from the same inputs upcast
+    torch_own : PyTorch's own computation in the input dtype (F.layer_norm / F.rms_norm)
+
+and passes when  max|fused - reference| <= 2 * max|torch_own - reference| + atol  for y, h and
+every gradient, and NaN/Inf appear in the fused result exactly where they appear in the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .dropout import draw_seed, dropout_keep_mask
+
+OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
+RESIDUAL_KINDS = ("none", "plain", "float", "scalar", "vector")
+
+# The "small atol" of DESIGN section 6, per dtype, relative to the reference's magnitude
+# (max(1, max|ref|)): a few units of the dtype's epsilon.
+ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One configuration of one op. ``param_dtype`` None means the parameters share x's dtype."""
+
+    op: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    param_dtype: torch.dtype | None = None
+    residual_kind: str = "none"
+    prenorm: bool = False
+    residual_in_fp32: bool = False
+    dropout_p: float = 0.0
+    has_weight: bool = True
+    has_bias: bool = True
+    eps: float = 1e-5
+
+    @property
+    def is_rms(self) -> bool:
+        return self.op.endswith("rms_norm")
+
+    @property
+    def has_residual(self) -> bool:
+        return self.residual_kind != "none"
+
+    def name(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        if self.param_dtype is not None:
+            dt += "/" + str(self.param_dtype).replace("torch.", "") + " params"
+        flags = [self.residual_kind if self.op.startswith("add") else "",
+                 "prenorm" if self.prenorm else "", "res_fp32" if self.residual_in_fp32 else "",
+                 f"p={self.dropout_p}" if self.dropout_p else "",
+                 "" if self.has_weight else "no_weight", "" if self.has_bias or self.is_rms else "no_bias"]
+        return f"{self.op}[{'x'.join(map(str, self.shape))} {dt} {' '.join(f for f in flags if f)}]".replace(" ]", "]")
+
+
+@dataclasses.dataclass
+class Comparison:
+    """One compared output of one case."""
+
+    case: Case
+    output: str
+    error: float
+    torch_error: float
+    atol: float
+    nonfinite_match: bool
+
+    @property
+    def bound(self) -> float:
+        return 2.0 * self.torch_error + self.atol
+
+    @property
+    def ok(self) -> bool:
+        return self.nonfinite_match and self.error <= self.bound
+
+    @property
+    def ratio(self) -> float:
+        return self.error / self.torch_error if self.torch_error > 0 else (0.0 if self.error == 0 else math.inf)
+
+
+def make_inputs(case: Case, device="cpu", generator: torch.Generator | None = None) -> dict:
+    """Fresh random inputs for ``case``: never zeros, rows offset so that their mean is not ~0."""
+    *lead, n = case.shape
+    pdt = case.param_dtype or case.dtype
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    def rows(dtype):
+        return (rand(*case.shape) + 3.0 * rand(*lead, 1)).to(dtype)
+
+    inputs = dict(x=rows(case.dtype))
+    if case.has_residual:
+        res_dtype = torch.float32 if case.residual_in_fp32 and case.dtype != torch.float64 else case.dtype
+        inputs["residual"] = rows(res_dtype)
+    if case.has_weight:
+        inputs["weight"] = (1.0 + 0.2 * rand(n)).to(pdt)
+    if case.has_bias and not case.is_rms:
+        inputs["bias"] = (0.2 * rand(n)).to(pdt)
+    if case.residual_kind == "float":
+        inputs["residual_scale"] = 0.75
+    elif case.residual_kind == "scalar":
+        inputs["residual_scale"] = (1.0 + 0.3 * rand(())).abs().to(pdt)
+    elif case.residual_kind == "vector":
+        inputs["residual_scale"] = (1.0 + 0.3 * rand(n)).to(pdt)
+    inputs["dy"] = rand(*case.shape)
+    if case.prenorm:
+        inputs["dh"] = rand(*case.shape)
+    return inputs
+
+
+def peek_dropout_mask(device, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The keep mask that the next fused call on ``device`` will use, without consuming the RNG."""
+    device = torch.device(device)
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    seed = draw_seed(device)
+    torch.set_rng_state(cpu_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state, device)
+    return dropout_keep_mask(seed, rows, cols, p)
+
+
+def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.dtype | None):
+    """Outputs and gradients by autograd of the plain formulas.
+
+    dtype=torch.float64: the oracle, written out formula by formula.
+    dtype=None: PyTorch's own computation in the input dtypes (F.layer_norm / F.rms_norm).
+    """
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and k not in ("dy", "dh"):
+            t = v.detach().to(dtype if dtype is not None else v.dtype)
+            if dtype is None and k in ("weight", "bias", "residual_scale"):
+                t = t.to(case.dtype)  # torch's own: parameters in the input dtype
+            leaves[k] = t.requires_grad_(True)
+    x = leaves["x"]
+    xd = x
+    if mask is not None:
+        xd = x * mask.view(x.shape).to(x.dtype) / (1.0 - case.dropout_p)
+    h = xd
+    if case.has_residual:
+        s = leaves.get("residual_scale", inputs.get("residual_scale", 1.0))
+        h = leaves["residual"] * s + xd
+    n = case.shape[-1]
+    w, b = leaves.get("weight"), leaves.get("bias")
+    eps = case.eps if case.eps is not None else torch.finfo(case.dtype).eps
+    if dtype is None:
+        y = (F.rms_norm(h, (n,), w.to(h.dtype) if w is not None else None, eps) if case.is_rms
+             else F.layer_norm(h, (n,), w.to(h.dtype) if w is not None else None,
+                               b.to(h.dtype) if b is not None else None, eps))
+        y = y.to(case.dtype)
+    else:
+        if case.is_rms:
+            xhat = h / torch.sqrt((h * h).mean(-1, keepdim=True) + eps)
+        else:
+            mu = h.mean(-1, keepdim=True)
+            xhat = (h - mu) / torch.sqrt(((h - mu) ** 2).mean(-1, keepdim=True) + eps)
+        y = xhat * w if w is not None else xhat
+        y = y + b if b is not None else y
+    loss = (y.double() * inputs["dy"].double()).sum()
+    if case.prenorm:
+        loss = loss + (h.double() * inputs["dh"].double()).sum()
+    names = list(leaves)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    out = {"y": y.detach()}
+    if case.prenorm:
+        out["h"] = h.detach()
+    for k, g in zip(names, grads):
+        out["d" + k] = g if g is not None else torch.zeros_like(leaves[k])
+    return out
+
+
+def run_fused(case: Case, inputs: dict, backend: str | None):
+    """Outputs and gradients of the public fusednorm function for ``case``."""
+    import fusednorm
+
+    leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
+              for k, v in inputs.items() if k not in ("dy", "dh")}
+    x, w = leaves["x"], leaves.get("weight")
+    if case.op == "layer_norm":
+        out = fusednorm.layer_norm(x, w, leaves.get("bias"), case.eps, backend=backend)
+    elif case.op == "rms_norm":
+        out = fusednorm.rms_norm(x, w, case.eps, backend=backend)
+    else:
+        kwargs = dict(residual_scale=leaves.get("residual_scale"), dropout_p=case.dropout_p, prenorm=case.prenorm,
+                      residual_in_fp32=case.residual_in_fp32, backend=backend)
+        if case.op == "add_layer_norm":
+            out = fusednorm.add_layer_norm(x, leaves.get("residual"), w, leaves.get("bias"), case.eps, **kwargs)
+        else:
+            out = fusednorm.add_rms_norm(x, leaves.get("residual"), w, case.eps, **kwargs)
+    y, h = out if case.prenorm else (out, None)
+    loss = (y.double() * inputs["dy"].double()).sum()
+    if h is not None:
+        loss = loss + (h.double() * inputs["dh"].double()).sum()
+    tensors = {k: v for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+    grads = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
+    result = {"y": y.detach()}
+    if h is not None:
+        result["h"] = h.detach()
+    for k, g in zip(tensors, grads):
+        result["d" + k] = g
+    return result
+
+
+def compare(case: Case, output: str, fused: torch.Tensor | None, reference: torch.Tensor,
+            torch_own: torch.Tensor, extra_atol: float = 0.0) -> Comparison:
+    """The section-6 comparison of one output; a missing fused gradient fails."""
+    ref = reference.double()
+    scale = max(1.0, float(ref[torch.isfinite(ref)].abs().max()) if ref.numel() and torch.isfinite(ref).any() else 1.0)
+    atol = ATOL[case.dtype] * scale + extra_atol * scale
+    if fused is None or fused.shape != reference.shape:
+        return Comparison(case, output, math.inf, 0.0, atol, False)
+    f = fused.detach().double()
+    own = torch_own.detach().double()
+    # NaN and +-Inf must sit exactly where the reference has them; elsewhere measure the error.
+    finite = torch.isfinite(ref)
+    nonfinite_match = bool(torch.equal(torch.isnan(f), torch.isnan(ref))
+                           and torch.equal(f[~finite & ~torch.isnan(ref)], ref[~finite & ~torch.isnan(ref)])
+                           and torch.isfinite(f[finite]).all())
+
+    def maxerr(a):
+        d = (a[finite] - ref[finite]).abs()
+        d = torch.nan_to_num(d, nan=math.inf)
+        return float(d.max()) if d.numel() else 0.0
+
+    return Comparison(case, output, maxerr(f), maxerr(own), atol, nonfinite_match)
+
+
+def check_case(case: Case, backend: str | None, device="cpu", seed: int = 0,
+               extra_atol: float = 0.0) -> list[Comparison]:
+    """Run ``case`` on ``backend`` with fresh inputs; one Comparison per output and gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(case, device, gen)
+    rows = math.prod(case.shape[:-1])
+    mask = None
+    torch.manual_seed(seed)
+    if case.dropout_p > 0:
+        mask = peek_dropout_mask(device, rows, case.shape[-1], case.dropout_p)
+    fused = run_fused(case, inputs, backend)
+    reference = _composed(case, inputs, mask, torch.float64)
+    own = _composed(case, inputs, mask, None)
+    return [compare(case, k, fused.get(k), reference[k], own[k], extra_atol) for k in reference]
+
+
+def standard_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), widths=(1, 7, 256, 1000),
+                   lead=((4,),)) -> Iterator[Case]:
+    """The matrix that ``python -m fusednorm.check`` runs: every op and variant, per dtype and width."""
+    for dtype in dtypes:
+        param_dtypes = (None,) if dtype == torch.float32 else (None, torch.float32)
+        for n in widths:
+            for lead_shape in lead:
+                shape = (*lead_shape, n)
+                for pdt in param_dtypes:
+                    yield Case("layer_norm", shape, dtype, pdt)
+                    yield Case("rms_norm", shape, dtype, pdt, eps=1e-6)
+                    for op in ("add_layer_norm", "add_rms_norm"):
+                        for kind in RESIDUAL_KINDS[1:]:
+                            for prenorm, res32 in ((False, False), (True, False), (True, True)):
+                                yield Case(op, shape, dtype, pdt, kind, prenorm, res32)
+                        yield Case(op, shape, dtype, pdt, "vector", False, False, dropout_p=0.25)
+                        yield Case(op, shape, dtype, pdt, "plain", True, False, dropout_p=0.25)
