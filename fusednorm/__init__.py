@@ -4,6 +4,7 @@ See README.md for usage and DESIGN.md for the math and the contract.
 """
 
 from . import ops  # noqa: F401  (registers torch.ops.fusednorm.*)
+from .admin import admin_init, deepnorm_constants, deepnorm_init_
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .functional import (
     AddLayerNormFunction,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AddLayerNorm", "AddLayerNormFunction", "AddRMSNorm", "AddRMSNormFunction",
     "BackendUnavailableError", "LayerNorm", "LayerNormFunction", "RMSNorm", "RMSNormFunction",
-    "add_layer_norm", "add_rms_norm", "available_backends", "get_backend", "layer_norm",
+    "add_layer_norm", "add_rms_norm", "admin_init", "available_backends", "deepnorm_constants",
+    "deepnorm_init_", "get_backend", "layer_norm",
     "replace_norms", "rms_norm", "set_backend",
 ]
