@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _validate, backends, ops
-from .backends.common import dresidual_is_dx
+from .backends.common import compute_dtype, dresidual_is_dx
 from .dropout import draw_seed
 
 ResidualScale = float | Tensor | None
@@ -172,9 +172,10 @@ class AddRMSNormFunction(torch.autograd.Function):
 
 
 def _rms_eps(eps, x):
-    """eps=None means torch.finfo(x.dtype).eps, as in torch.nn.functional.rms_norm."""
+    """eps=None means the machine epsilon of the dtype torch computes in, as torch.nn.RMSNorm does:
+    float32's for 16-bit and 32-bit x (torch upcasts first), float64's for float64 x."""
     if eps is None and isinstance(x, Tensor) and x.is_floating_point():
-        return torch.finfo(x.dtype).eps
+        return torch.finfo(compute_dtype(x.dtype)).eps
     return eps
 
 
@@ -193,7 +194,8 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
              backend: str | None = None) -> Tensor:
     """RMSNorm over the last dimension: y = x * rsqrt(mean(x^2) + eps) * weight.
 
-    x: (..., N); weight: (N,) or None; eps=None uses torch.finfo(x.dtype).eps like torch.
+    x: (..., N); weight: (N,) or None; eps=None uses the epsilon torch.nn.RMSNorm uses (float32's for
+    16/32-bit x, float64's for float64 x).
     Returns y: x's shape and dtype.
     """
     return RMSNormFunction.apply(x, weight, eps, backend)

@@ -156,7 +156,7 @@ def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.
         h = leaves["residual"] * s + xd
     n = case.shape[-1]
     w, b = leaves.get("weight"), leaves.get("bias")
-    eps = case.eps if case.eps is not None else torch.finfo(case.dtype).eps
+    eps = case.eps if case.eps is not None else torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps
     if dtype is None:
         y = (F.rms_norm(h, (n,), w.to(h.dtype) if w is not None else None, eps) if case.is_rms
              else F.layer_norm(h, (n,), w.to(h.dtype) if w is not None else None,
