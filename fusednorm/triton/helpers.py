@@ -1,0 +1,113 @@
+"""Small @triton.jit pieces shared by the forward and backward kernels.
+
+- ``philox_keep``: the dropout keep mask of ``fusednorm.dropout`` (Philox4x32-10, first word,
+  24-bit integer compare), bit for bit, so the backward regenerates the forward's mask.
+- ``load_row``, ``load_scale``, ``add_scaled``: the pieces of h = residual * s + dropout(x).
+- ``row_rstd``: 1/sqrt(var + eps), correctly rounded in float32 (the fast sqrt/div of the GPU
+  would add ~2 ulp to every output of the row).
+- ``merge_moments``: Chan et al.'s pairwise merge of (count, mean, M2) for rows processed in
+  chunks; stable like two-pass statistics (never E[h^2] - E[h]^2).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..dropout import PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS
+
+KEEP_SHIFT: tl.constexpr = tl.constexpr(8)  # 32 - dropout.KEEP_BITS
+_ROUND_A: tl.constexpr = tl.constexpr(PHILOX_ROUND_A)
+_ROUND_B: tl.constexpr = tl.constexpr(PHILOX_ROUND_B)
+_KEY_A: tl.constexpr = tl.constexpr(PHILOX_KEY_A)
+_KEY_B: tl.constexpr = tl.constexpr(PHILOX_KEY_B)
+_ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
+
+
+@triton.jit
+def philox_keep(seed, index, keep_threshold):
+    """Keep mask for int64 ``index`` (row * N + col) under the int64 scalar ``seed``.
+
+    counter = (index_lo, index_hi, 0, 0), key = (seed_lo, seed_hi); keep = (r0 >> 8) >= threshold.
+    """
+    k0 = seed.to(tl.uint32)  # truncation keeps the low word
+    k1 = (seed >> 32).to(tl.uint32)
+    c0 = index.to(tl.uint32)
+    c1 = (index >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0)
+    c3 = tl.zeros_like(c0)
+    round_a = tl.full((), _ROUND_A, tl.uint32)
+    round_b = tl.full((), _ROUND_B, tl.uint32)
+    for _ in tl.static_range(_ROUNDS):
+        hi_b = tl.umulhi(c2, round_b)
+        lo_b = c2 * round_b
+        hi_a = tl.umulhi(c0, round_a)
+        lo_a = c0 * round_a
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = k0 + tl.full((), _KEY_A, tl.uint32)
+        k1 = k1 + tl.full((), _KEY_B, tl.uint32)
+    return (c0 >> KEEP_SHIFT) >= keep_threshold.to(tl.uint32)
+
+
+@triton.jit
+def scalar_arg(hi, lo, COMPUTE: tl.constexpr):
+    """A host float passed as two float32 words (hi + lo) so float64 kernels see ~48 bits of it."""
+    return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
+
+
+@triton.jit
+def load_row(PTR, row, stride, cols, mask, COMPUTE: tl.constexpr):
+    """One row chunk of an (M, N) tensor, upcast to the compute dtype, 0 where masked out.
+    ``row`` is int64: row * stride may exceed 2^31."""
+    return tl.load(PTR + row * stride + cols, mask=mask, other=0.0).to(COMPUTE)
+
+
+@triton.jit
+def load_scale(S, cols, mask, scale, COMPUTE: tl.constexpr, SCALE_KIND: tl.constexpr):
+    """The residual scale s: SCALE_KIND 0: 1 (unused), 1: the host constant ``scale``, 2: the 0-d
+    tensor S, 3: the (N,) tensor S at ``cols``."""
+    if SCALE_KIND == 2:
+        s = tl.load(S).to(COMPUTE)
+    elif SCALE_KIND == 3:
+        s = tl.load(S + cols, mask=mask, other=0.0).to(COMPUTE)
+    else:
+        s = scale
+    return s
+
+
+@triton.jit
+def add_scaled(h, r, s, SCALE_KIND: tl.constexpr):
+    """residual * s + h (the residual term first, as the reference computes it)."""
+    if SCALE_KIND == 0:
+        return r + h
+    else:
+        return r * s + h
+
+
+@triton.jit
+def divide(a, b, COMPUTE: tl.constexpr):
+    """a / b rounded to nearest (the GPU's default float32 division is approximate)."""
+    if COMPUTE == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, tl.cast(b, tl.float32))
+
+
+@triton.jit
+def row_rstd(var, eps, COMPUTE: tl.constexpr):
+    """1 / sqrt(var + eps), IEEE-rounded (float64 sqrt and division are exact already)."""
+    if COMPUTE == tl.float64:
+        rstd = 1.0 / tl.sqrt(var + eps)
+    else:
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    return rstd
+
+
+@triton.jit
+def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's parallel update: the (count, mean, M2) of the union of two disjoint sets."""
+    count = count_a + count_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (count_b / count)
+    m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
+    return count, mean, m2

@@ -1,0 +1,80 @@
+"""Launch heuristics for the Triton kernels: block size, warps, rows per program. No autotuning.
+
+Why a fixed rule and not ``triton.autotune``: the kernels are memory bound, so the only choices
+that matter are (a) whether one row fits in registers (one pass over global memory) and (b)
+enough warps and programs in flight to cover memory latency. Both follow from N alone; an
+autotuner would add a benchmark sweep at the first call of every new N (seconds, and a host sync,
+which breaks CUDA-graph capture) and cannot run under TRITON_INTERPRET=1.
+
+The rule:
+
+- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 elements). When
+  ``N <= MAX_BLOCK_N`` the whole row lives in registers: the forward reads x and residual once and
+  the backward reads dy and h (or x, residual) once -- the byte floor of DESIGN section 5.
+  Wider rows are processed in ``NUM_CHUNKS = cdiv(N, BLOCK_N)`` column chunks by the same kernels;
+  they read their inputs twice (statistics, then outputs), see ``kernels.py``.
+- ``num_warps = clamp(BLOCK_N // 512, 1, 32)``: 16 elements per thread for any block of at least
+  512 columns, i.e. two 128-bit accesses per 16-bit tensor (four per float32 tensor) per thread.
+  That keeps the backward's live set (dy, xhat, g and the three float32 column accumulators
+  dweight/dbias/dscale, 16 values each) far below 255 registers (see
+  benchmarks/results/triton_compile_report.md: no spills up to N = 8192).
+- Rows per program: both kernels loop over a contiguous range of rows, so the (N,) parameters are
+  loaded once per program and the backward's float32 column partial sums stay in registers until
+  the program ends. On CUDA the grid is ``SMs * programs_per_SM`` (``programs_per_SM`` fills the
+  SM's 64 warp slots: up to 32 programs per SM in the forward, the hardware limit, for latency
+  hiding; at most 8 in the backward, so that its partial-sum buffer stays ``(8 * SMs, N)``
+  float32 -- a few MB -- reduced once by ``torch.sum(0)`` in a fixed order).
+  Under the interpreter (CPU) a small fixed grid is used (``INTERPRETER_PROGRAMS``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import triton
+
+# The widest block kept entirely in registers. Tests lower it (monkeypatch) to exercise the
+# chunked path at small N under the interpreter.
+MAX_BLOCK_N = 16384
+# Grid size used when there is no GPU to size it (TRITON_INTERPRET=1 on CPU tensors).
+INTERPRETER_PROGRAMS = 3
+FORWARD_PROGRAMS_PER_SM = 32
+BACKWARD_PROGRAMS_PER_SM = 8
+WARP_SLOTS_PER_SM = 64
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel call is split: ``num_programs`` programs of ``rows_per_program`` rows each,
+    each row in ``num_chunks`` column blocks of ``block_n`` columns, ``num_warps`` warps."""
+
+    block_n: int
+    num_chunks: int
+    num_warps: int
+    rows_per_program: int
+    num_programs: int
+
+
+@lru_cache(maxsize=16)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(rows: int, cols: int, device: torch.device, backward: bool) -> LaunchConfig:
+    """The launch of the forward (``backward=False``) or backward kernel for an (rows, cols) problem
+    on ``device``; rows >= 1, cols >= 1. Host-side arithmetic only: no sync, CUDA-graph safe."""
+    block_n = min(triton.next_power_of_2(cols), MAX_BLOCK_N)
+    num_chunks = triton.cdiv(cols, block_n)
+    num_warps = max(1, min(block_n // 512, 32))
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = BACKWARD_PROGRAMS_PER_SM if backward else FORWARD_PROGRAMS_PER_SM
+        per_sm = max(1, min(cap, WARP_SLOTS_PER_SM // num_warps))
+        target = _sm_count(index) * per_sm
+    else:
+        target = INTERPRETER_PROGRAMS
+    rows_per_program = triton.cdiv(rows, min(rows, target))
+    num_programs = triton.cdiv(rows, rows_per_program)
+    return LaunchConfig(block_n, num_chunks, num_warps, rows_per_program, num_programs)
