@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import math
 import numbers
 
 import torch
@@ -125,15 +128,132 @@ class AddRMSNorm(_AddNorm):
                               residual_in_fp32=self.residual_in_fp32)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _hf_output_dtype(rule: str, x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """The output dtype of an HF RMSNorm class for input x_dtype and weight w_dtype, by its rule.
+
+    "promote" (LlamaRMSNorm and most: ``weight * h.to(input_dtype)``): promote_types(x, w).
+    "input" (OLMo-2, GPT-OSS, Helium: ``(weight * h).to(input_dtype)``): x's dtype.
+    "weight" (T5LayerNorm, Idefics: ``h.to(weight.dtype)`` if the weight is 16-bit): w's dtype when it
+    is 16-bit, else promote_types(x, w).
+    """
+    if rule == "input":
+        return x_dtype
+    if rule == "weight" and w_dtype in _HALF:
+        return w_dtype
+    return torch.promote_types(x_dtype, w_dtype)
+
+
+class HFRMSNorm(nn.Module):
+    """Drop-in for Hugging Face's LLaMA-family RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, ...).
+
+    Computes ``weight * (x * rsqrt(mean(x^2) + variance_epsilon))`` over the last dimension with float32
+    statistics (float64 for float64 x), as the HF classes do (they upcast to float32 and cast back),
+    rounding once at the end. x: (..., N); weight: (N,). The output dtype follows the replaced class
+    (``out_dtype_rule``, see ``_hf_output_dtype``); LlamaRMSNorm's ``weight * h.to(input_dtype)`` gives
+    promote_types(x.dtype, weight.dtype): bf16 with bf16 weights, float32 with float32 weights.
+    Parameter and state_dict key: ``weight``; attribute ``variance_epsilon``. The class name ends in
+    "RMSNorm" so that HF's ``_init_weights`` still recognises it (weight -> ones).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None, *,
+                 out_dtype_rule: str = "promote"):
+        super().__init__()
+        if out_dtype_rule not in ("promote", "input", "weight"):
+            raise ValueError(f"out_dtype_rule must be 'promote', 'input' or 'weight', got {out_dtype_rule!r}")
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.variance_epsilon = float(eps)
+        self.out_dtype_rule = out_dtype_rule
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        x, w = hidden_states, self.weight
+        out_dtype = _hf_output_dtype(self.out_dtype_rule, x.dtype, w.dtype)
+        if out_dtype != x.dtype and torch.promote_types(x.dtype, out_dtype) == out_dtype:
+            # A wider output (bf16 x, float32 weight): HF computes the product in that dtype; so do we.
+            x = x.to(out_dtype)
+        if w.dtype not in (x.dtype, torch.float32):
+            w = w.float()  # the kernels take weights in x's dtype or float32; the upcast is exact
+        y = F.rms_norm(x, w, self.variance_epsilon)
+        # A narrower output (T5 with bf16 weights, float32 x): computed in x's dtype, rounded once.
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, out_dtype_rule={self.out_dtype_rule!r}"
+
+
+def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
+    """(eps, out_dtype_rule) if ``module`` behaves as an HF LLaMA-family RMSNorm, else None (left alone).
+
+    Candidates by structure: one 1-D floating Parameter ``weight``, no buffers, no children, a forward
+    with one argument, a number ``variance_epsilon`` (or ``eps``). Behaviour is then checked on a private
+    copy (the model is not touched, no hooks run) with a random weight, on the weight's device:
+      - float32 input rows of normal size (offset from 0) and of size ~sqrt(eps) (so a different eps
+        shows), against ``w * x * rsqrt(mean(x^2) + eps)`` in float64; this rejects Gemma's ``(1 + w)``,
+        a LayerNorm without bias (mean subtracted), gated norms and modules that ignore their weight;
+      - the output dtype for inputs in float32, bfloat16, float16 and the weight's dtype must follow one
+        of the rules of ``_hf_output_dtype`` (that rule is then kept by the drop-in).
+    """
+    weight = module._parameters.get("weight")
+    if (set(module._parameters) != {"weight"} or module._buffers or module._modules or weight is None
+            or weight.dim() != 1 or not weight.is_floating_point() or weight.is_meta or weight.numel() == 0):
+        return None
+    try:
+        # forward(hidden_states) only: a gated norm (forward(x, gate=None)) would lose its gate.
+        if len(inspect.signature(module.forward).parameters) != 1:
+            return None
+    except (TypeError, ValueError):
+        return None
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        return None
+    eps = float(eps)
+    n = weight.numel()
+    gen = torch.Generator().manual_seed(0)
+    try:
+        probe = copy.deepcopy(module)
+        with torch.no_grad():
+            probe.weight.copy_(1.0 + 0.5 * torch.randn(n, generator=gen))
+            w64 = probe.weight.detach().double().cpu()
+            tiny = math.sqrt(eps) if eps > 0 else 1e-3
+            x = torch.cat([torch.randn(2, n, generator=gen) + 1.0, tiny * torch.randn(2, n, generator=gen)])
+            x64 = x.double()
+            ref = w64 * x64 * torch.rsqrt((x64 * x64).mean(-1, keepdim=True) + eps)
+            out_dtypes = {}
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, weight.dtype):
+                out = probe.forward(x.to(device=weight.device, dtype=dtype))
+                if not isinstance(out, Tensor) or out.shape != x.shape:
+                    return None
+                out_dtypes[dtype] = out.dtype
+                if dtype == torch.float32:
+                    tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
+                    err = (out.detach().double().cpu() - ref).abs() / ref.abs().amax(-1, keepdim=True)
+                    if not bool((err <= tol).all()):
+                        return None
+    except Exception:  # a module that cannot run the probe is not a match
+        return None
+    for rule in ("promote", "input", "weight"):
+        if all(_hf_output_dtype(rule, x_dtype, weight.dtype) == o for x_dtype, o in out_dtypes.items()):
+            return eps, rule
+    return None
+
+
 def _fused_twin(module: nn.Module) -> nn.Module | None:
-    """The fusednorm drop-in for a torch.nn norm, holding the very same Parameter objects."""
-    if isinstance(module, (LayerNorm, RMSNorm)):
+    """The fusednorm drop-in for a torch.nn or HF norm, holding the very same Parameter objects."""
+    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm)):
         return None
     if isinstance(module, nn.LayerNorm):
         twin = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                          bias=module.bias is not None, device="meta")
     elif isinstance(module, nn.RMSNorm):
         twin = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
+    elif (match := _hf_rmsnorm_match(module)) is not None:
+        twin = HFRMSNorm(module.weight.numel(), match[0], device="meta", out_dtype_rule=match[1])
     else:
         return None
     # Reuse the Parameter objects (an optimizer may already hold them): no copy, same device/dtype.
@@ -144,8 +264,11 @@ def _fused_twin(module: nn.Module) -> nn.Module | None:
 
 
 def replace_norms(model: nn.Module) -> nn.Module:
-    """Swap every torch.nn.LayerNorm / torch.nn.RMSNorm in ``model`` for fusednorm's, in place.
+    """Swap every norm of ``model`` for fusednorm's drop-in, in place.
 
+    Swapped: torch.nn.LayerNorm -> fusednorm.LayerNorm, torch.nn.RMSNorm -> fusednorm.RMSNorm, and
+    Hugging Face's LLaMA-family RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm,
+    OLMo-2, ...; recognised by behaviour, see ``_hf_rmsnorm_match``) -> fusednorm.HFRMSNorm.
     Keeps the Parameter objects, device, dtype, training mode and state_dict keys; a module shared by
     several parents is replaced by one shared drop-in. Returns ``model`` (replaced itself if it is a
     norm, in which case use the return value).
