@@ -156,7 +156,8 @@ def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.
         h = leaves["residual"] * s + xd
     n = case.shape[-1]
     w, b = leaves.get("weight"), leaves.get("bias")
-    eps = case.eps if case.eps is not None else torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps
+    # eps=None: the epsilon of the dtype torch computes in (as torch.nn.RMSNorm does).
+    eps = case.eps if case.eps is not None else torch.finfo(torch.promote_types(case.dtype, torch.float32)).eps
     if dtype is None:
         y = (F.rms_norm(h, (n,), w.to(h.dtype) if w is not None else None, eps) if case.is_rms
              else F.layer_norm(h, (n,), w.to(h.dtype) if w is not None else None,
@@ -178,7 +179,7 @@ def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.
     out = {"y": y.detach()}
     if case.prenorm:
         out["h"] = h.detach()
-    for k, g in zip(names, grads):
+    for k, g in zip(names, grads, strict=True):
         out["d" + k] = g if g is not None else torch.zeros_like(leaves[k])
     return out
 
@@ -210,7 +211,7 @@ def run_fused(case: Case, inputs: dict, backend: str | None):
     result = {"y": y.detach()}
     if h is not None:
         result["h"] = h.detach()
-    for k, g in zip(tensors, grads):
+    for k, g in zip(tensors, grads, strict=True):
         result["d" + k] = g
     return result
 
