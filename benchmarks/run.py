@@ -40,13 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="M*N per problem (default 2^26; M = elements // N, at least 1 row)")
     parser.add_argument("--ops", type=_csv_list, default=None, help="op names, e.g. layer_norm,add_rms_norm/preln")
     parser.add_argument("--impls", type=_csv_list, default=None,
-                        help="implementations, e.g. torch,torch.compile,fusednorm-triton,liger")
+                        help="implementations, e.g. torch,torch.compile,fusednorm-triton,liger (default: all; "
+                             "on GPU all but fusednorm-torch, the reference path, to save device time)")
     parser.add_argument("--directions", type=_csv_list, default=None, help="fwd,bwd,fwdbwd (default all)")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default inductor; aot_eager in smoke mode)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; configurations not started by then are reported as skipped")
     parser.add_argument("--copy-bytes", type=int, default=None, help="size of the copy-bandwidth buffer")
+    parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up time (default 10 ms)")
+    parser.add_argument("--rep-ms", type=float, default=50.0,
+                        help="do_bench measuring time per figure (default 50 ms: 50+ calls at M*N = 2^26)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
     if args.smoke:

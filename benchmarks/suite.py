@@ -272,7 +272,8 @@ def run(args, command: str) -> dict:
 
     # Smoke: the output check is the only warm-up and one timed call is enough to prove the path;
     # one CPU thread, because waking a thread pool for a 512-element op costs milliseconds on a busy machine.
-    timer = Timer(device, warmup_calls=0 if args.smoke else 2, cpu_repeats=1)
+    timer = Timer(device, warmup_calls=0 if args.smoke else 2, cpu_repeats=1, warmup_ms=args.warmup_ms,
+                  rep_ms=args.rep_ms)
     if args.smoke:
         torch.set_num_threads(1)
         print(f"== {report.SMOKE_BANNER}", flush=True)
@@ -280,7 +281,11 @@ def run(args, command: str) -> dict:
     print(f"== copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] / 1e6:.1f} MB read+written in "
           f"{copy['time_ms']:.4f} ms)", flush=True)
 
-    impls = select(all_impls(args.compile_backend), args.impls)
+    names = args.impls
+    if names is None and device.type == "cuda":
+        # fusednorm's torch backend is the reference composition, not a kernel: on the GPU it only costs time.
+        names = [impl.name for impl in all_impls() if impl.name != "fusednorm-torch"]
+    impls = select(all_impls(args.compile_backend), names)
     availability = {impl.name: impl.why_unavailable(device) for impl in impls}
     for impl in impls:
         reason = availability[impl.name]

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
 from benchmarks import floor
 from benchmarks.impls import SPECS
 
