@@ -248,6 +248,23 @@ def _device_meta(device: torch.device, smoke: bool) -> dict:
                       + (f" [{report.SMOKE_BANNER}]" if smoke else "")}
 
 
+def _prepare(spec: Spec, n_rows: int, cols: int, dtype: torch.dtype, device, l2: int | None):
+    """Input sets (rotated when they would fit in L2), the learned scale (or None) and torch eager's
+    forward outputs on the first set (the reference of the sanity check)."""
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    n_sets = _rotation_sets(spec, n_rows, cols, itemsize, l2)
+    sets = [make_inputs(spec, n_rows, cols, dtype, device, seed=1000 * i + cols) for i in range(n_sets)]
+    scale = None
+    if spec.learned_scale:
+        gen = torch.Generator(device="cpu").manual_seed(cols + 1)
+        scale = (1.0 + 0.2 * torch.rand(cols, generator=gen)).to(device=device, dtype=dtype)
+        scale.requires_grad_(True)
+    ref = TorchEager().build(spec, cols, dtype, device)
+    with torch.no_grad():
+        ref_out = tuple(t.detach() for t in _tuple(ref.fn(sets[0].x, sets[0].residual, scale)))
+    return sets, scale, ref_out
+
+
 def _absent(reason: str) -> str:
     """The status of an implementation that cannot run here: "missing: ..." (a peer not installed)
     or "unavailable: ..." (installed or ours, but it cannot run on this machine)."""
@@ -293,7 +310,6 @@ def run(args, command: str) -> dict:
     specs = [spec_by_name(n) for n in args.ops] if args.ops else list(SPECS)
     l2 = l2_cache_bytes(device)
     budget = Budget(args.time_budget)
-    eager = TorchEager()
     rows: list[Row] = []
 
     for dtype_name in args.dtypes:
@@ -308,17 +324,12 @@ def run(args, command: str) -> dict:
                     rows += [Row(impl=impl.name, direction=d, status="skipped: time budget exhausted", **base)
                              for impl in impls for d in args.directions]
                     continue
-                itemsize = torch.tensor([], dtype=dtype).element_size()
-                n_sets = _rotation_sets(spec, n_rows, cols, itemsize, l2)
-                sets = [make_inputs(spec, n_rows, cols, dtype, device, seed=1000 * i + cols) for i in range(n_sets)]
-                scale = None
-                if spec.learned_scale:
-                    gen = torch.Generator(device="cpu").manual_seed(cols + 1)
-                    scale = (1.0 + 0.2 * torch.rand(cols, generator=gen)).to(device=device, dtype=dtype)
-                    scale.requires_grad_(True)
-                ref_built = eager.build(spec, cols, dtype, device)
-                with torch.no_grad():
-                    ref_out = tuple(t.detach() for t in _tuple(ref_built.fn(sets[0].x, sets[0].residual, scale)))
+                try:
+                    sets, scale, ref_out = _prepare(spec, n_rows, cols, dtype, device, l2)
+                except Exception as exc:  # noqa: BLE001  (e.g. out of memory: report it, go on)
+                    rows += [Row(impl=impl.name, direction=d, status=f"error: inputs: {type(exc).__name__}: "
+                                 f"{str(exc)[:200]}", **base) for impl in impls for d in args.directions]
+                    continue
                 torch_peak = None
                 for impl in impls:
                     if availability[impl.name] is not None:
@@ -339,7 +350,7 @@ def run(args, command: str) -> dict:
                                 r.mem_vs_torch = 1.0
                     rows += got
                     print(report.progress_line(got, time.monotonic() - t0), flush=True)
-                del sets, scale, ref_built, ref_out
+                del sets, scale, ref_out
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
