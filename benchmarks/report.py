@@ -172,6 +172,20 @@ def summary_table(rep: dict) -> str:
             if direction == "mem" and all(p == "-" for p in parts):
                 continue
             lines.append(f"{op:30s} {dtype:5s} {direction:7s}" + "".join(f"{p:>{width}s}" for p in parts))
+    # Figures whose output disagreed with torch eager, and failures: listed, never folded into a mean.
+    mismatched = sorted({f"{r['impl']} {_op_name(r)} {r['dtype']} N={r['N']}: {r['check']}" for r in rep["rows"]
+                         if r.get("check", "").startswith("mismatch")})
+    failed = sorted({f"{r['impl']} {_op_name(r)} {r['dtype']} N={r['N']} {r['direction']}: {r['status'][:120]}"
+                     for r in rep["rows"] if r["status"].startswith("error")})
+    skipped = sum(r["status"].startswith("skipped") for r in rep["rows"])
+    if mismatched:
+        lines.append(f"OUTPUT MISMATCH against torch eager ({len(mismatched)}):")
+        lines += [f"  {m}" for m in mismatched[:20]]
+    if failed:
+        lines.append(f"errors ({len(failed)}; all in results.csv):")
+        lines += [f"  {f}" for f in failed[:20]]
+    if skipped:
+        lines.append(f"{skipped} figures skipped: time budget exhausted (rerun with --dtypes/--ops/--ns subsets)")
     return "\n".join(lines)
 
 

@@ -190,15 +190,19 @@ def bench_config(impl: Impl, spec: Spec, dtype_name: str, cols: int, rows: int, 
             rows_out.append(row(direction, status=errors[direction], check=check, note=built.note))
             continue
         ms = times[direction]
+        if not ms > 0:  # a derived backward (fwdbwd - fwd) inside the noise
+            rows_out.append(row(direction, status=f"error: non-positive time {ms:.4g} ms", check=check,
+                                note="; ".join(n for n in (built.note, notes.get(direction, "")) if n)))
+            continue
         nbytes = floor.floor_bytes(spec.case, direction, rows, cols, itemsize)
-        gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else None
+        gbps = nbytes / (ms * 1e-3) / 1e9
         note = "; ".join(n for n in (built.note, notes.get(direction, "")) if n)
         extra = {}
         if direction == "fwdbwd":
             extra = dict(peak_mem_bytes=peak,
                          mem_vs_torch=(peak / torch_peak) if peak is not None and torch_peak else None)
         rows_out.append(row(direction, status="ok", time_ms=ms, floor_bytes=nbytes, gbps=gbps,
-                            frac_copy=(gbps / copy_gbps) if gbps is not None else None,
+                            frac_copy=gbps / copy_gbps,
                             floor_ms=nbytes / (copy_gbps * 1e9) * 1e3, check=check, note=note, **extra))
     return rows_out
 

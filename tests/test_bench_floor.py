@@ -65,12 +65,16 @@ def test_summary_marks_partial_and_missing():
                                "liger": {"available": False, "reason": "missing: liger_kernel is not installed"}},
            "rows": [_row("torch", "fwd", 0.5), _row("torch", "fwd", 0.5, n=1024),
                     _row("liger", "fwd", None, status="missing: liger_kernel is not installed"),
-                    _row("torch", "bwd", 0.25), _row("torch", "bwd", None, status="error: boom", n=1024)]}
+                    _row("torch", "bwd", 0.25), _row("torch", "bwd", None, status="error: boom", n=1024),
+                    _row("liger", "bwd", None, status="skipped: time budget exhausted"),
+                    {**_row("torch", "fwdbwd", 0.3), "check": "mismatch: max err 3 (scale 4)"}]}
     text = report.summary_table(rep)
     assert "liger: not run here: missing" in text
     line_fwd = next(line for line in text.splitlines() if line.startswith("rms_norm") and " fwd " in line)
     assert "0.50" in line_fwd and line_fwd.rstrip().endswith("-")
     line_bwd = next(line for line in text.splitlines() if line.startswith("rms_norm") and " bwd " in line)
     assert "0.25*" in line_bwd
+    assert "OUTPUT MISMATCH" in text and "mismatch: max err 3" in text
+    assert "errors (1" in text and "1 figures skipped" in text
     md = report.full_table(rep)
     assert "50 (0.50)" in md and "missing" in md and "error: boom" in md
