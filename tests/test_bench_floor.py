@@ -78,3 +78,26 @@ def test_summary_marks_partial_and_missing():
     assert "errors (1" in text and "1 figures skipped" in text
     md = report.full_table(rep)
     assert "50 (0.50)" in md and "missing" in md and "error: boom" in md
+
+
+def test_an_absent_backend_or_peer_is_reported_with_its_reason(monkeypatch):
+    import torch
+
+    from benchmarks import impls
+    from fusednorm import backends
+
+    real = backends.implementation
+
+    def no_triton(name):
+        if name == "triton":
+            raise ModuleNotFoundError("No module named 'fusednorm.triton'")
+        return real(name)
+
+    monkeypatch.setattr(backends, "implementation", no_triton)
+    reason = impls.FusedNorm("triton").why_unavailable(torch.device("cpu"))
+    assert reason is not None and "fusednorm.triton" in reason
+
+    class Ghost(impls._Peer):
+        name, package = "ghost", "no_such_package_fusednorm_bench"
+
+    assert Ghost().why_unavailable(torch.device("cpu")).startswith("missing: no_such_package")
