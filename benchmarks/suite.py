@@ -245,7 +245,13 @@ def _versions() -> dict:
 def _device_meta(device: torch.device, smoke: bool) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return {"device": torch.cuda.get_device_name(device), "sm_count": props.multi_processor_count,
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            driver = None
+        return {"device": torch.cuda.get_device_name(device), "driver": driver,
+                "sm_count": props.multi_processor_count,
                 "l2_bytes": getattr(props, "L2_cache_size", None), "memory_bytes": props.total_memory,
                 "capability": f"{props.major}.{props.minor}"}
     return {"device": f"cpu ({platform.processor() or platform.machine()}; {os.cpu_count()} cores)"
