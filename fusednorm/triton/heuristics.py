@@ -8,16 +8,25 @@ which breaks CUDA-graph capture) and cannot run under TRITON_INTERPRET=1.
 
 The rule:
 
-- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 elements). When
-  ``N <= MAX_BLOCK_N`` the whole row lives in registers: the forward reads x and residual once and
-  the backward reads dy and h (or x, residual) once -- the byte floor of DESIGN section 5.
-  Wider rows are processed in ``NUM_CHUNKS = cdiv(N, BLOCK_N)`` column chunks by the same kernels;
-  they read their inputs twice (statistics, then outputs), see ``kernels.py``.
+- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 columns) in the forward
+  and ``min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD)`` (8192) in the backward. Up to the cap the whole row lives in
+  registers: the forward reads x and residual once and the backward reads dy and h (or x and the
+  residual) once -- the byte floor of DESIGN section 5. Wider rows are processed in
+  ``NUM_CHUNKS = cdiv(N, BLOCK_N)`` column chunks (16384 columns in the forward, 4096 in the
+  backward) by the same kernels; they read their inputs twice (statistics, then outputs), see
+  ``kernels.py``. The caps come from the sm_90 compile report
+  (benchmarks/results/triton_compile_report.md): a CTA has 64K registers, and the backward keeps
+  about ten float32 values per column live (dy, xhat, g, residual, the parameters and the three
+  column accumulators), so a 16384-wide backward block spills hundreds of bytes per thread, while
+  the forward keeps ~4 per column and fits 16384.
 - ``num_warps = clamp(BLOCK_N // 512, 1, 32)``: 16 elements per thread for any block of at least
   512 columns, i.e. two 128-bit accesses per 16-bit tensor (four per float32 tensor) per thread.
-  That keeps the backward's live set (dy, xhat, g and the three float32 column accumulators
-  dweight/dbias/dscale, 16 values each) far below 255 registers (see
-  benchmarks/results/triton_compile_report.md: no spills up to N = 8192).
+  Fewer elements per thread would not lower the register need of a block, only move it to more
+  threads (a CTA's 64K registers are the limit); more would cap registers per thread at 255.
+  ptxas on sm_90 (benchmarks/results/triton_compile_report.md): no spills up to N = 8192 except the
+  backward of LayerNorm with a learned (N,) residual scale at N = 8192 (80-200 bytes per thread:
+  three column accumulators plus weight and scale leave too few of the 128 registers per thread
+  that 16 warps allow).
 - Rows per program: both kernels loop over a contiguous range of rows, so the (N,) parameters are
   loaded once per program and the backward's float32 column partial sums stay in registers until
   the program ends. On CUDA the grid is ``SMs * programs_per_SM`` (``programs_per_SM`` fills the
@@ -35,9 +44,11 @@ from functools import lru_cache
 import torch
 import triton
 
-# The widest block kept entirely in registers. Tests lower it (monkeypatch) to exercise the
-# chunked path at small N under the interpreter.
+# The widest blocks kept entirely in registers. Tests lower MAX_BLOCK_N (monkeypatch), which caps
+# both kernels, to exercise the chunked path at small N under the interpreter.
 MAX_BLOCK_N = 16384
+MAX_BLOCK_N_BACKWARD = 8192
+CHUNK_N_BACKWARD = 4096
 # Grid size used when there is no GPU to size it (TRITON_INTERPRET=1 on CPU tensors).
 INTERPRETER_PROGRAMS = 3
 FORWARD_PROGRAMS_PER_SM = 32
@@ -62,12 +73,21 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def block_config(cols: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, NUM_CHUNKS, num_warps) of the forward or backward kernel for rows of ``cols`` columns."""
+    cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD) if backward else MAX_BLOCK_N
+    block_n = triton.next_power_of_2(cols)
+    if block_n > cap:
+        # Chunked rows are read twice whatever the chunk width; the backward's two sweeps plus its
+        # column accumulators fit in registers at 4096 columns, not at 8192.
+        block_n = min(MAX_BLOCK_N, CHUNK_N_BACKWARD) if backward else cap
+    return block_n, triton.cdiv(cols, block_n), max(1, min(block_n // 512, 32))
+
+
 def launch_config(rows: int, cols: int, device: torch.device, backward: bool) -> LaunchConfig:
     """The launch of the forward (``backward=False``) or backward kernel for an (rows, cols) problem
     on ``device``; rows >= 1, cols >= 1. Host-side arithmetic only: no sync, CUDA-graph safe."""
-    block_n = min(triton.next_power_of_2(cols), MAX_BLOCK_N)
-    num_chunks = triton.cdiv(cols, block_n)
-    num_warps = max(1, min(block_n // 512, 32))
+    block_n, num_chunks, num_warps = block_config(cols, backward)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         cap = BACKWARD_PROGRAMS_PER_SM if backward else FORWARD_PROGRAMS_PER_SM

@@ -28,7 +28,8 @@ Rows wider than BLOCK_N (NUM_CHUNKS > 1) are walked in column chunks:
 - backward: sweep A computes each row's c1, c2 into a small (M, 2) scratch; sweep B walks column
   chunks outside and the program's rows inside, so the column accumulators still live in
   registers; dy and h (or x, residual) are read twice.
-Rows up to BLOCK_N = 16384 columns take the one-pass path, the byte floor of DESIGN section 5.
+Rows up to 16384 columns (forward) and 8192 (backward) take the one-pass path, the byte floor of
+DESIGN section 5 (see heuristics.py for why the caps differ).
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride
     if IS_RMS:
         xhat = h * rstd
     else:
-        xhat = tl.where(mask, (h - tl.load(MEAN + row)) * rstd, 0.0)
+        # Not zeroed where masked out: dy is 0 there, so g, g * xhat and dy * xhat are 0 too.
+        xhat = (h - tl.load(MEAN + row)) * rstd
     g = dy
     if HAS_WEIGHT:
         g = dy * w
@@ -261,6 +263,12 @@ def _backward_kernel(
                 DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w, s, seed,
                 keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R, SCALE_KIND,
                 HAS_DROPOUT, HAS_WEIGHT)
+            # Column sums that need no row statistic first: dy is dead before the reductions,
+            # which keeps the register set small enough for 8192-wide rows.
+            if HAS_WEIGHT:
+                dweight += dy * xhat
+            if HAS_BIAS:
+                dbias += dy
             c2 = divide(tl.sum(g * xhat, axis=0), N, COMPUTE)
             if IS_RMS:
                 dh = rstd * (g - xhat * c2)
@@ -270,10 +278,6 @@ def _backward_kernel(
             dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, stride_dx, stride_dr,
                                    stride_dh_in, drop_scale, COMPUTE, HAS_DH_IN, SCALE_KIND, HAS_DROPOUT,
                                    STORE_DRESIDUAL)
-            if HAS_WEIGHT:
-                dweight += dy * xhat
-            if HAS_BIAS:
-                dbias += dy
             if LEARNED_SCALE:
                 dscale += dh * r
         if HAS_WEIGHT:
