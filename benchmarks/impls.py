@@ -193,16 +193,14 @@ class FusedNorm(Impl):
 
     def why_unavailable(self, device):
         try:
-            import fusednorm
             from fusednorm import backends
         except Exception as exc:  # noqa: BLE001  (any import failure is the reason)
             return f"fusednorm does not import: {type(exc).__name__}: {exc}"
         try:
-            backends.resolve(self.backend, device)
-            backends.implementation(self.backend)
+            backends.resolve(self.backend, device)  # built? right device? (BackendUnavailableError says why)
+            backends.implementation(self.backend)  # the module itself (fusednorm/triton may not exist yet)
         except Exception as exc:  # noqa: BLE001
             return f"{type(exc).__name__}: {exc}"
-        del fusednorm
         return None
 
     def build(self, spec, cols, dtype, device):
