@@ -177,7 +177,7 @@ def write_outputs(rows: list[dict], seeds: int, seconds: float, out_dir: Path = 
             if not rs:
                 continue
             d = [r["depth"] for r in rs]
-            ax.plot(d, [r["median"] for r in rs], "o-", color=colors[variant], label=variant,
+            ax.plot(d, [r["median"] for r in rs], marker="o", color=colors[variant], label=variant,
                     ls="--" if variant == "deepnorm" else "-")
             ax.fill_between(d, [r["min"] for r in rs], [r["max"] for r in rs], color=colors[variant], alpha=0.15)
         ax.set_xscale("log", base=2)
