@@ -24,10 +24,12 @@ it with one fixed-order torch.sum(0), so gradients are bit-identical run to run 
 Rows wider than BLOCK_N (NUM_CHUNKS > 1) are walked in column chunks:
 - forward: chunk statistics (two-pass inside the chunk) merged with Chan's (count, mean, M2)
   update, then a second sweep that writes y, re-reading h from the h just written (STORE_H) or
-  re-reading x and residual; inputs are read twice (from L2 in practice: a row is <= 256 KB).
+  re-reading x and residual. Inputs are read twice, but the second sweep follows the first on the
+  same row, so it mostly hits L2 (x and residual of a 65536-wide fp16 row are 256 KB).
 - backward: sweep A computes each row's c1, c2 into a small (M, 2) scratch; sweep B walks column
   chunks outside and the program's rows inside, so the column accumulators still live in
-  registers; dy and h (or x, residual) are read twice.
+  registers (a (num_programs, N) partial buffer, not (M, N)). dy and h (or x, residual) are read
+  twice, the second time after the program's other rows: from DRAM unless they fit in L2.
 Rows up to 16384 columns (forward) and 8192 (backward) take the one-pass path, the byte floor of
 DESIGN section 5 (see heuristics.py for why the caps differ).
 """
