@@ -14,7 +14,9 @@ How the variant product is pruned to fit CI (~0.1-0.5 s per case in the interpre
   fp32 and bf16 (the chunked path with the block cap lowered to 16 columns, N = 100 -> 7 chunks,
   and once for real at N = 16411 > 16384);
 - dropout (p = 0.25) for each add op x {plain Post-LN, (N,) Pre-LN} x {fp32, bf16, N = 37 and
-  chunked}.
+  chunked};
+- float64 (computed in float64 throughout) and float32 parameters under bfloat16 x, for the
+  constant / 0-d / (N,) scales.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ def _cases():
     for op, kind in itertools.product(ADD_OPS, ("plain", "vector")):
         for dtype, prenorm in itertools.product((torch.float32, torch.bfloat16), (False, True)):
             yield Case(op, (4, 37), dtype, None, kind, prenorm, False, dropout_p=0.25)
+    # float64 end to end (statistics in float64), and float32 parameters under bfloat16 x.
+    for op, kind in itertools.product(ADD_OPS, ("float", "scalar", "vector")):
+        yield Case(op, (3, 37), torch.float64, None, kind, kind == "vector", False, dropout_p=0.25 * (kind == "float"))
+        yield Case(op, (3, 37), torch.bfloat16, torch.float32, kind, kind != "vector", kind == "scalar")
 
 
 CASES = list(_cases())
