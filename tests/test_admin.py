@@ -42,7 +42,8 @@ def manual_admin(model: Encoder, batches: list[torch.Tensor]) -> tuple[list[tupl
     records = []
     xs = list(batches)
     for i, layer in enumerate(model.layers):
-        for sub, branch_fn, norm in (("attn_norm", layer.attn, layer.attn_norm), ("ffn_norm", layer.ffn, layer.ffn_norm)):
+        sublayers = (("attn_norm", layer.attn, layer.attn_norm), ("ffn_norm", layer.ffn, layer.ffn_norm))
+        for sub, branch_fn, norm in sublayers:
             omega = ratio
             omega32 = torch.tensor(omega, dtype=torch.float32)  # the Parameter holds omega in float32
             branches = [branch_fn(x) for x in xs]
@@ -134,7 +135,7 @@ def test_closed_form():
     for _, m in learned_scale_modules(model):
         torch.testing.assert_close(m.residual_scale.detach(), torch.full((32,), 2.0170092), rtol=1e-6, atol=0)
     fusednorm.admin_init(model, num_residual_layers=36)
-    assert float(model.layers[0].attn_norm.residual_scale[0]) == pytest.approx(admin_closed_form(36), rel=1e-6)
+    assert float(model.layers[0].attn_norm.residual_scale.detach()[0]) == pytest.approx(admin_closed_form(36), rel=1e-6)
     with pytest.raises(ValueError):
         admin_closed_form(0)
 
