@@ -1,0 +1,257 @@
+"""Hugging Face models: fusednorm.integrations.huggingface on BERT, replace_norms on LLaMA.
+
+Tiny random-init configs, no downloads. Skipped when transformers is not installed (it is in the
+``test`` extra, so CI runs these). Correctness as in tests/test_integrations.py: outputs (eval) and
+gradients (dropout off) within the DESIGN section-6 bound against a float64 copy of the original.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusednorm
+from fusednorm.integrations.huggingface import FusedPostLNOutput, fuse_model, patch_post_ln
+from fusednorm.modules import HFRMSNorm
+
+transformers = pytest.importorskip("transformers")
+from test_integrations import assert_model_matches, assert_within_section6, count_calls, outputs_and_grads  # noqa: E402
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel  # noqa: E402
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+
+VOCAB, SEQ = 64, 7
+
+
+def token_ids(batch: int = 2) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def perturb_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial norm weights and biases (HF initialises them to 1 and 0), so wrong gradients show."""
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower():
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def tiny_bert(**overrides) -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.1,
+                        attention_probs_dropout_prob=0.0, **overrides)
+    return perturb_norms(BertModel(config))
+
+
+def tiny_llama(**overrides) -> LlamaModel:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=64, max_position_embeddings=16, **overrides)
+    return perturb_norms(LlamaModel(config))
+
+
+class ExactRMSNorm(nn.Module):
+    """LlamaRMSNorm's formula in the input's dtype (HF's class computes in float32 even for float64 input):
+    the float64 reference model must be float64 throughout."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def float64_reference(model: nn.Module) -> nn.Module:
+    reference = copy.deepcopy(model).double()
+    for parent in list(reference.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LlamaRMSNorm):
+                setattr(parent, name, ExactRMSNorm(child))
+    return reference
+
+
+def hidden(output) -> torch.Tensor:
+    return output.last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------- BERT
+
+def test_bert_patched_blocks_keys_and_parameters():
+    model = tiny_bert()
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
+    names = patch_post_ln(model)
+    # BertSelfOutput and BertOutput of each of the 2 layers.
+    assert sorted(names) == [f"encoder.layer.{i}.{part}" for i in range(2) for part in ("attention.output", "output")]
+    for name in names:
+        block = model.get_submodule(name)
+        assert isinstance(block, FusedPostLNOutput) and isinstance(block.LayerNorm, fusednorm.AddLayerNorm)
+        assert block.LayerNorm.dropout_p == 0.1 and block.LayerNorm.eps == model.config.layer_norm_eps
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+    # The rest (the embeddings' LayerNorm) goes through replace_norms.
+    fuse_model(model)
+    assert isinstance(model.embeddings.LayerNorm, fusednorm.LayerNorm)
+    assert list(model.state_dict()) == keys
+
+
+def test_bert_patched_matches_original_outputs_and_gradients():
+    original = tiny_bert().eval()  # eval: dropout off, for outputs and for gradients
+    reference = float64_reference(original)
+    patched = fuse_model(copy.deepcopy(original))
+    calls = count_calls(patched, (fusednorm.AddLayerNorm, fusednorm.LayerNorm))
+    ids = token_ids()
+    with torch.no_grad():
+        assert_within_section6("eval output", hidden(patched(ids)), hidden(reference(ids)), hidden(original(ids)))
+    assert calls["n"] == 5  # 4 fused blocks + the embeddings' LayerNorm
+    fused = outputs_and_grads(patched, ids, out=hidden)
+    assert_model_matches(fused, outputs_and_grads(reference, ids, out=hidden),
+                         outputs_and_grads(original, ids, out=hidden))
+
+
+def test_bert_patched_dropout_follows_the_training_mode():
+    model = fuse_model(tiny_bert())
+    ids = token_ids()
+    model.eval()
+    with torch.no_grad():
+        a, b = hidden(model(ids)), hidden(model(ids))
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        c = hidden(model(ids))
+        torch.manual_seed(0)
+        d = hidden(model(ids))
+        e = hidden(model(ids))
+    assert torch.equal(c, d) and not torch.equal(c, e) and not torch.equal(a, c)
+
+
+def test_bert_admin_residual_scale():
+    """residual_scale="vector": a learned omega per fused block, initialised to 1 (same outputs as without),
+    with a gradient, one new state_dict key per block, and admin_init sets it from a profiling pass."""
+    plain = fuse_model(tiny_bert()).eval()
+    admin = fuse_model(tiny_bert(), residual_scale="vector").eval()
+    new_keys = set(admin.state_dict()) - set(plain.state_dict())
+    assert new_keys == {f"encoder.layer.{i}.{part}.LayerNorm.residual_scale"
+                        for i in range(2) for part in ("attention.output", "output")}
+    ids = token_ids()
+    assert torch.equal(hidden(admin(ids)), hidden(plain(ids)))  # omega = 1: r * 1 + x is r + x exactly
+    hidden(admin(ids)).square().mean().backward()
+    for key in new_keys:
+        scale = admin.get_parameter(key)
+        assert scale.shape == (32,) and scale.grad is not None and scale.grad.abs().sum() > 0
+    records = fusednorm.admin_init(admin, lambda: admin(ids))
+    assert [r.name for r in records] == sorted(k.rsplit(".", 1)[0] for k in new_keys)
+    assert records[0].omega == 1.0 and records[-1].omega > 1.0  # the running ratio grows with depth
+    for r in records:
+        assert torch.all(admin.get_parameter(r.name + ".residual_scale") == r.omega)
+
+
+def test_bert_patch_leaves_other_blocks_alone():
+    """A block with the same children but another computation (no residual add) is not patched."""
+
+    class NotPostLN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense, self.dropout, self.LayerNorm = nn.Linear(8, 8), nn.Dropout(0.1), nn.LayerNorm(8)
+
+        def forward(self, hidden_states, input_tensor):
+            return self.LayerNorm(self.dropout(self.dense(hidden_states))) + input_tensor
+
+    model = nn.Sequential(NotPostLN())
+    assert patch_post_ln(model) == []
+    assert isinstance(model[0], NotPostLN)
+
+
+# ---------------------------------------------------------------------------------------------- LLaMA
+
+def test_llama_rmsnorm_replaced_keeping_parameters_and_keys():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    params = dict(model.named_parameters())
+    fusednorm.replace_norms(model)
+    norms = [m for m in model.modules() if isinstance(m, HFRMSNorm)]
+    assert len(norms) == 5 and not any(isinstance(m, LlamaRMSNorm) for m in model.modules())
+    assert all(n.variance_epsilon == model.config.rms_norm_eps and n.out_dtype_rule == "promote" for n in norms)
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_llama_replaced_matches_original_outputs_and_gradients():
+    original = tiny_llama().eval()
+    reference = float64_reference(original)
+    replaced = fusednorm.replace_norms(copy.deepcopy(original))
+    calls = count_calls(replaced, HFRMSNorm)
+    ids = token_ids()
+    with torch.no_grad():
+        assert_within_section6("eval output", hidden(replaced(ids)), hidden(reference(ids)), hidden(original(ids)))
+    assert calls["n"] == 5
+    fused = outputs_and_grads(replaced, ids, out=hidden)
+    assert_model_matches(fused, outputs_and_grads(reference, ids, out=hidden),
+                         outputs_and_grads(original, ids, out=hidden))
+
+
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                  (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_hf_rmsnorm_output_dtype_and_values_match_llama(x_dtype, w_dtype):
+    """HF's ``weight * h.to(input_dtype)``: the output dtype is promote_types(x, weight); values within
+    the section-6 bound of HF's own result (which rounds twice) against float64."""
+    norm = LlamaRMSNorm(48, eps=1e-6).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    twin = fusednorm.replace_norms(copy.deepcopy(norm))
+    assert isinstance(twin, HFRMSNorm)
+    x = (torch.randn(6, 48, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(x_dtype)
+    ours, theirs = twin(x), norm(x)
+    assert ours.dtype == theirs.dtype == torch.promote_types(x_dtype, w_dtype)
+    x64, w64 = x.double(), norm.weight.double()
+    reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    assert_within_section6("y", ours, reference, theirs, dtype=theirs.dtype)
+
+
+def test_rmsnorm_lookalikes_are_left_alone():
+    """Matched by behaviour: Gemma's (1 + weight), a gated norm and a bias-free LayerNorm are not RMSNorms."""
+
+    class OnePlusWeight(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x) / self.weight * (1.0 + self.weight)
+
+    class Gated(LlamaRMSNorm):
+        def forward(self, x, gate=None):
+            return super().forward(x if gate is None else x * gate)
+
+    class MeanSubtracted(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x - x.mean(-1, keepdim=True))
+
+    model = nn.Sequential(OnePlusWeight(16), Gated(16), MeanSubtracted(16), LlamaRMSNorm(16))
+    fusednorm.replace_norms(model)
+    assert [type(m).__name__ for m in model] == ["OnePlusWeight", "Gated", "MeanSubtracted", "HFRMSNorm"]
+
+
+# -------------------------------------------------------------------------------------------- compile
+
+def test_compiled_patched_models_run_and_match_eager():
+    """torch.compile(fullgraph=True) of a patched BERT (Admin scale, dropout on) and a replaced LLaMA:
+    no graph break anywhere in the model, forward and backward. AOTAutograd's eager backend keeps the
+    CI time small (Inductor's C++ code generation for a whole model takes minutes on 2 cores) and runs
+    the same kernels, so the results equal eager bit for bit, dropout included (same seeds)."""
+    ids = token_ids()
+    bert = fuse_model(tiny_bert(), residual_scale="vector").train()
+    llama = fusednorm.replace_norms(tiny_llama()).train()
+    for model in (bert, llama):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.manual_seed(0)
+        eager = outputs_and_grads(model, ids, out=hidden)
+        torch.manual_seed(0)
+        got = outputs_and_grads(compiled, ids, out=hidden)
+        got = {k.replace("d_orig_mod.", "d"): v for k, v in got.items()}
+        # The compiled graph also differentiates outputs that the loss ignores (BERT's pooler): zeros.
+        assert set(eager) <= set(got) and all(not got[k].any() for k in set(got) - set(eager))
+        for k, v in eager.items():
+            assert torch.equal(got[k], v), k
