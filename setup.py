@@ -1,24 +1,89 @@
-"""Build script. Pure Python by default; the CUDA extension (csrc/) is added by a later issue via
-torch.utils.cpp_extension, only when FUSEDNORM_BUILD_CUDA=1 or when a CUDA torch and nvcc are present
-(which needs `pip install --no-build-isolation`, so that setup.py can import the installed torch)."""
+"""Build script. Pure Python by default; the CUDA extension ``fusednorm._C`` (csrc/) is added only when
+FUSEDNORM_BUILD_CUDA=1, or (FUSEDNORM_BUILD_CUDA unset) when a CUDA build of torch and a CUDA toolkit are
+found. Building it needs ``pip install --no-build-isolation`` (pip's isolated build environment has no
+torch), e.g. on a CPU-only CI machine with the CUDA torch wheel and the toolkit:
 
+    CUDA_HOME=/usr/local/cuda-13.0 FUSEDNORM_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \\
+        pip install --no-build-isolation -e .
+
+Environment: FUSEDNORM_BUILD_CUDA = 1 (build, or fail saying why) | 0 (never) | unset (auto);
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0"); CUDA_HOME (the toolkit root, with bin/nvcc and
+include/cuda_runtime.h: not the directory of an nvcc wrapper script); FUSEDNORM_PTXAS_VERBOSE=1 adds
+``-Xptxas -v`` (registers/spills per kernel, see .ci/build_cuda.sh); MAX_JOBS (parallel compiles).
+"""
+
+import glob
+import importlib.util
 import os
 
 from setuptools import setup
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvidia_include_dirs() -> list:
+    """Headers of the pip-installed CUDA 13 libraries (nvidia/cu13/include): torch's headers include
+    some (e.g. cusparse/cublas) that a minimal toolkit does not ship."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for base in spec.submodule_search_locations:
+        for sub in ("cu13", "cu12"):
+            path = os.path.join(base, sub, "include")
+            if os.path.isdir(path):
+                dirs.append(path)
+    return dirs[:1]
+
+
+def _why_not_buildable():
+    """None if the CUDA extension can be built here, else the reason (in words)."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        return f"torch is not importable ({error}); with pip, use --no-build-isolation"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME to the toolkit root)"
+    for needed in ("bin/nvcc", "include/cuda_runtime.h"):
+        if not os.path.exists(os.path.join(cuda_home, needed)):
+            return (f"CUDA_HOME={cuda_home} has no {needed}: point CUDA_HOME at the real toolkit root "
+                    "(not the directory of an nvcc wrapper script)")
+    return None
+
 
 def cuda_extensions():
-    """(ext_modules, cmdclass) for the CUDA backend, or ([], {}) on a machine that cannot build it."""
-    if os.environ.get("FUSEDNORM_BUILD_CUDA", "auto") == "0":
+    """(ext_modules, cmdclass) for the CUDA backend, or ([], {}) when it is not to be built here."""
+    mode = os.environ.get("FUSEDNORM_BUILD_CUDA", "auto")
+    if mode == "0":
         return [], {}
-    try:
-        import torch  # noqa: F401
-        from torch.utils import cpp_extension  # noqa: F401
-    except ImportError:
+    reason = _why_not_buildable()
+    if reason is not None:
+        if mode == "1":
+            raise RuntimeError(f"FUSEDNORM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
         return [], {}
-    # csrc/ gains its sources in the CUDA backend issue; until then there is nothing to build.
-    return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    csrc = os.path.join(ROOT, "csrc")
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+    sources = [os.path.relpath(path, ROOT) for path in sources]
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    if os.environ.get("FUSEDNORM_PTXAS_VERBOSE", "0") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    extension = CUDAExtension(
+        name="fusednorm._C",
+        sources=sources,
+        include_dirs=[csrc] + _nvidia_include_dirs(),
+        extra_compile_args={"cxx": ["-O3", "-DPy_LIMITED_API=0x030A0000"], "nvcc": nvcc_flags},
+        py_limited_api=True,
+    )
+    return [extension], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = cuda_extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)

@@ -1,16 +1,148 @@
 """The "cuda" backend: the compiled extension ``fusednorm._C`` built from ``csrc/``.
 
-Not built yet: the CUDA kernel family is a later issue. ``why_unavailable`` says so, so that asking
-for backend="cuda" raises a clear error instead of failing somewhere below.
+Importing ``fusednorm._C`` registers three ops in the ``fusednorm`` namespace (C++,
+TORCH_LIBRARY_FRAGMENT; CUDA kernels, and on CPU tensors the same argument checks ending in a
+ValueError):
+
+- ``torch.ops.fusednorm.cuda_fwd`` / ``cuda_bwd``: the kernels, with the backend contract's arguments
+  (``fusednorm/ops.py``) plus two values decided here once for every backend: the integer dropout
+  threshold (``fusednorm.dropout.keep_threshold``) and whether dresidual is written
+  (``not dresidual_is_dx``);
+- ``torch.ops.fusednorm.cuda_launch_config``: the launch heuristic (no tensors; testable anywhere).
+
+``forward``/``backward`` below have exactly the signatures of ``backends/torch_impl.py``. The module
+imports without the extension; ``why_unavailable()`` says why the backend cannot run.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+from typing import NamedTuple
+
+import torch
+
+from ..dropout import keep_threshold
+from .common import compute_dtype, dresidual_is_dx
+
+_loaded: bool | None = None  # None: not tried yet
+_load_error: str | None = None
+
+
+def _load() -> bool:
+    """Imports fusednorm._C once (registering its ops) and adds the fake functions; True on success."""
+    global _loaded, _load_error
+    if _loaded is not None:
+        return _loaded
+    if importlib.util.find_spec("fusednorm._C") is None:
+        _loaded, _load_error = False, None
+        return False
+    try:
+        importlib.import_module("fusednorm._C")
+    except (ImportError, OSError) as error:  # e.g. a CPU-only torch without libc10_cuda.so
+        _loaded, _load_error = False, f"{type(error).__name__}: {error}"
+        return False
+    _register_fakes()
+    _loaded = True
+    return True
 
 
 def why_unavailable() -> str | None:
+    """None when the cuda backend can run here, else the precise reason (not built / fails to load /
+    no GPU)."""
     if importlib.util.find_spec("fusednorm._C") is None:
-        return ("cuda backend not built: install with FUSEDNORM_BUILD_CUDA=1 "
-                "(needs a CUDA build of torch and nvcc)")
+        return ("cuda backend not built: fusednorm._C is missing; build it with FUSEDNORM_BUILD_CUDA=1 "
+                "pip install --no-build-isolation -e . (needs a CUDA build of torch and the CUDA toolkit, "
+                "CUDA_HOME at its root)")
+    if not _load():
+        return f"cuda backend built but fusednorm._C fails to load: {_load_error}"
+    if not torch.cuda.is_available():
+        return ("cuda backend built (fusednorm._C loads) but no CUDA GPU is available: "
+                "torch.cuda.is_available() is False")
     return None
+
+
+def is_built() -> bool:
+    """True when fusednorm._C is present and loads (whether or not a GPU is present)."""
+    return _load()
+
+
+class LaunchConfig(NamedTuple):
+    """The kernels' launch configuration (csrc/fusednorm.h, choose_launch)."""
+
+    threads_per_row: int
+    rows_per_block: int
+    groups_per_thread: int
+    chunk_cols: int
+    row_fits: bool
+    grid: int
+    smem_bytes: int
+
+
+def launch_config(rows: int, cols: int, elem_bytes: int, num_sms: int, blocks_per_sm: int, backward: bool,
+                  partial_slots: int = 0) -> LaunchConfig:
+    """The heuristic the kernels launch with, for an (rows, cols) input of ``elem_bytes``-byte elements
+    on a GPU with ``num_sms`` SMs where ``blocks_per_sm`` blocks fit (occupancy); ``partial_slots``: how
+    many of dweight/dbias/dscale the backward accumulates. Needs the extension, not a GPU."""
+    if not _load():
+        raise RuntimeError(why_unavailable())
+    values = torch.ops.fusednorm.cuda_launch_config(rows, cols, elem_bytes, num_sms, blocks_per_sm, backward,
+                                                    partial_slots)
+    return LaunchConfig(values[0], values[1], values[2], values[3], bool(values[4]), values[5], values[6])
+
+
+def _require(x: torch.Tensor) -> None:
+    if not _load():
+        raise RuntimeError(why_unavailable())
+    if x.device.type != "cuda":
+        raise ValueError(f"the cuda backend needs CUDA tensors, got {x.device.type} tensors; "
+                         "use backend='torch' (or 'triton') for CPU tensors")
+
+
+def _threshold(dropout_p: float) -> int:
+    return keep_threshold(dropout_p) if dropout_p > 0.0 else 0
+
+
+def forward(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, seed, is_rms, store_h, h_dtype):
+    """The backend contract's forward (fusednorm/ops.py): x, residual (M, N); weight, bias (N,);
+    returns (y, h, mean, rstd)."""
+    _require(x)
+    return torch.ops.fusednorm.cuda_fwd(x, residual, weight, bias, residual_scale, float(scale_value), float(eps),
+                                        float(dropout_p), _threshold(dropout_p), seed, is_rms, store_h, h_dtype)
+
+
+def backward(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd, dropout_p,
+             seed, is_rms, x_dtype, residual_dtype):
+    """The backend contract's backward: returns (dx, dresidual, dweight, dbias, dscale)."""
+    _require(dy)
+    store_dresidual = residual_dtype is not None and not dresidual_is_dx(
+        residual_scale, scale_value, dropout_p, x_dtype, residual_dtype)
+    return torch.ops.fusednorm.cuda_bwd(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale,
+                                        float(scale_value), mean, rstd, float(dropout_p), _threshold(dropout_p), seed,
+                                        is_rms, x_dtype, residual_dtype, store_dresidual)
+
+
+def _register_fakes() -> None:
+    """Fake (meta) functions of the C++ ops, so that they trace under torch.compile / FakeTensor."""
+
+    @torch.library.register_fake("fusednorm::cuda_fwd")
+    def _cuda_fwd_fake(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, threshold, seed,
+                       is_rms, store_h, h_dtype):
+        rows = x.shape[0]
+        stats = compute_dtype(x.dtype)
+        y = x.new_empty(x.shape)
+        h = x.new_empty(x.shape if store_h else (0,), dtype=h_dtype)
+        mean = x.new_empty((0,) if is_rms else (rows,), dtype=stats)
+        rstd = x.new_empty((rows,), dtype=stats)
+        return y, h, mean, rstd
+
+    @torch.library.register_fake("fusednorm::cuda_bwd")
+    def _cuda_bwd_fake(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd,
+                       dropout_p, threshold, seed, is_rms, x_dtype, residual_dtype, store_dresidual):
+        def grad_like(p):
+            return dy.new_empty(p.shape, dtype=p.dtype) if p is not None else dy.new_empty((0,))
+
+        dx = dy.new_empty(dy.shape, dtype=x_dtype)
+        dresidual = dy.new_empty(dy.shape, dtype=residual_dtype) if store_dresidual else dy.new_empty((0,))
+        dbias = dy.new_empty(dy.shape[1:], dtype=bias_dtype) if bias_dtype is not None else dy.new_empty((0,))
+        return dx, dresidual, grad_like(weight), dbias, grad_like(residual_scale)
