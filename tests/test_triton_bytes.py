@@ -204,9 +204,13 @@ def test_chunked_rows_read_inputs_twice(monkeypatch):
     traffic = Traffic()
     with traffic.counting(monkeypatch):
         _run(dict(op="add_layer_norm"))
-    forward, backward = traffic.launches
+        _run(dict(op="add_layer_norm", prenorm=True, scale="vector"))
+    forward, backward, forward_pre, backward_pre = traffic.launches
     assert _per_element(forward) == ({"X": 2.0, "R": 2.0, "H": 2.0}, {"Y": 2.0, "H": 2.0})
     assert _per_element(backward) == ({"DY": 4.0, "H": 4.0}, {"DX": 2.0})
+    # dh_in and the residual (for dscale only) are needed in the second sweep alone: read once.
+    assert _per_element(forward_pre) == ({"X": 2.0, "R": 2.0, "H": 2.0}, {"Y": 2.0, "H": 2.0})
+    assert _per_element(backward_pre) == ({"DY": 4.0, "H": 4.0, "DH_IN": 2.0, "R": 2.0}, {"DX": 2.0, "DR": 2.0})
 
 
 @triton.jit

@@ -46,7 +46,7 @@ def philox_keep(seed, index, keep_threshold):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = k0 + tl.full((), _KEY_A, tl.uint32)
         k1 = k1 + tl.full((), _KEY_B, tl.uint32)
-    return (c0 >> KEEP_SHIFT) >= keep_threshold.to(tl.uint32)
+    return (c0 >> KEEP_SHIFT) >= tl.cast(keep_threshold, tl.uint32)  # an int or a constexpr 1
 
 
 @triton.jit

@@ -8,9 +8,9 @@ which breaks CUDA-graph capture) and cannot run under TRITON_INTERPRET=1.
 
 The rule:
 
-- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 columns) in the forward
-  and ``min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD)`` (8192) in the backward. Up to the cap the whole row lives in
-  registers: the forward reads x and residual once and the backward reads dy and h (or x and the
+- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 columns) in the forward and
+  ``min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD)`` (8192) in the backward. Up to the cap the whole row
+  lives in registers: the forward reads x and residual once and the backward reads dy and h (or x and the
   residual) once -- the byte floor of DESIGN section 5. Wider rows are processed in
   ``NUM_CHUNKS = cdiv(N, BLOCK_N)`` column chunks (16384 columns in the forward, 4096 in the
   backward) by the same kernels; they read their inputs twice (statistics, then outputs), see
@@ -24,9 +24,10 @@ The rule:
   Fewer elements per thread would not lower the register need of a block, only move it to more
   threads (a CTA's 64K registers are the limit); more would cap registers per thread at 255.
   ptxas on sm_90 (benchmarks/results/triton_compile_report.md): no spills up to N = 8192 except the
-  backward of LayerNorm with a learned (N,) residual scale at N = 8192 (80-200 bytes per thread:
-  three column accumulators plus weight and scale leave too few of the 128 registers per thread
-  that 16 warps allow).
+  backward of LayerNorm with a learned (N,) residual scale at N = 8192 (24-56 bytes per thread in
+  the Pre-LN layout, 80-192 in the Post-LN layout, which rebuilds h from x and the residual: three
+  column accumulators plus weight and scale leave too few of the 128 registers per thread that
+  16 warps allow).
 - Rows per program: both kernels loop over a contiguous range of rows, so the (N,) parameters are
   loaded once per program and the backward's float32 column partial sums stay in registers until
   the program ends. On CUDA the grid is ``SMs * programs_per_SM`` (``programs_per_SM`` fills the

@@ -173,14 +173,14 @@ def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride
                   HAS_RESIDUAL: tl.constexpr, LOAD_R: tl.constexpr, SCALE_KIND: tl.constexpr,
                   HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """Everything of one row chunk that the backward derives from its inputs:
-    (dy, xhat, g = dy * weight, residual (0 unless LOAD_R), dropout keep mask (mask unless dropout), rstd).
+    (dy, xhat, g = dy * weight, residual (0 unless LOAD_R), dropout keep mask (when h is rebuilt), rstd).
     Each input element is loaded once here."""
     dy = load_row(DY, row, stride_dy, cols, mask, COMPUTE)
     r = tl.zeros_like(dy)
     if LOAD_R:
         r = load_row(R, row, stride_r, cols, mask, COMPUTE)
     keep = mask
-    if HAS_DROPOUT:
+    if HAS_DROPOUT and RECOMPUTE_H:  # else the mask is drawn later, for dx only (fewer live registers)
         keep = philox_keep(seed, row * N + cols, keep_threshold)
     if RECOMPUTE_H:
         # The forward took its statistics of the float32 sum (h was not stored): rebuild exactly that.
@@ -204,14 +204,18 @@ def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride
 
 
 @triton.jit
-def _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, stride_dx, stride_dr, stride_dh_in, drop_scale,
-                      COMPUTE: tl.constexpr, HAS_DH_IN: tl.constexpr, SCALE_KIND: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, STORE_DRESIDUAL: tl.constexpr):
-    """Adds dh_in to dh, writes dx (and dresidual); returns the full dh (for dscale)."""
+def _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr, stride_dh_in, seed,
+                      keep_threshold, drop_scale, COMPUTE: tl.constexpr, HAS_DH_IN: tl.constexpr,
+                      SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, RECOMPUTE_H: tl.constexpr,
+                      STORE_DRESIDUAL: tl.constexpr):
+    """Adds dh_in to dh, writes dx (and dresidual); returns the full dh (for dscale).
+    ``keep`` is the dropout mask when h was rebuilt with it, else it is drawn here."""
     if HAS_DH_IN:
         dh += load_row(DH_IN, row, stride_dh_in, cols, mask, COMPUTE)
     dx = dh
     if HAS_DROPOUT:
+        if not RECOMPUTE_H:
+            keep = philox_keep(seed, row * N + cols, keep_threshold)
         dx = tl.where(keep, dh * drop_scale, 0.0)
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if STORE_DRESIDUAL:
@@ -243,8 +247,11 @@ def _backward_kernel(
     scale = scalar_arg(scale_hi, scale_lo, COMPUTE)
     drop_scale = scalar_arg(drop_scale_hi, drop_scale_lo, COMPUTE)
     LEARNED_SCALE: tl.constexpr = SCALE_KIND >= 2
-    # The residual is read to rebuild h, or for dscale (DESIGN section 5: Pre-LN with a learned scale).
-    LOAD_R: tl.constexpr = (HAS_RESIDUAL and RECOMPUTE_H) or LEARNED_SCALE
+    # The residual is read to rebuild h (then kept for dscale), or only for dscale (Pre-LN with a
+    # learned scale, DESIGN section 5): then it is loaded after the row reductions, so that it is
+    # not live in registers across them.
+    LOAD_R: tl.constexpr = HAS_RESIDUAL and RECOMPUTE_H
+    LATE_R: tl.constexpr = LEARNED_SCALE and not RECOMPUTE_H
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     else:
@@ -277,9 +284,11 @@ def _backward_kernel(
             else:
                 c1 = divide(tl.sum(g, axis=0), N, COMPUTE)
                 dh = rstd * (g - c1 - xhat * c2)
-            dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, stride_dx, stride_dr,
-                                   stride_dh_in, drop_scale, COMPUTE, HAS_DH_IN, SCALE_KIND, HAS_DROPOUT,
-                                   STORE_DRESIDUAL)
+            dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr,
+                                   stride_dh_in, seed, keep_threshold, drop_scale, COMPUTE, HAS_DH_IN,
+                                   SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL)
+            if LATE_R:
+                r = load_row(R, row, stride_r, cols, mask, COMPUTE)
             if LEARNED_SCALE:
                 dscale += dh * r
         if HAS_WEIGHT:
@@ -333,13 +342,15 @@ def _backward_kernel(
                     dh = rstd * (g - xhat * c2)
                 else:
                     dh = rstd * (g - c1 - xhat * c2)
-                dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, stride_dx, stride_dr,
-                                       stride_dh_in, drop_scale, COMPUTE, HAS_DH_IN, SCALE_KIND, HAS_DROPOUT,
-                                       STORE_DRESIDUAL)
+                dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr,
+                                       stride_dh_in, seed, keep_threshold, drop_scale, COMPUTE, HAS_DH_IN,
+                                       SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL)
                 if HAS_WEIGHT:
                     dweight += dy * xhat
                 if HAS_BIAS:
                     dbias += dy
+                if LATE_R:
+                    r = load_row(R, row, stride_r, cols, mask, COMPUTE)
                 if LEARNED_SCALE:
                     dscale += dh * r
             if HAS_WEIGHT:
