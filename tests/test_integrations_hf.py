@@ -131,6 +131,17 @@ def test_bert_patched_dropout_follows_the_training_mode():
     assert torch.equal(c, d) and not torch.equal(c, e) and not torch.equal(a, c)
 
 
+def test_bert_patched_under_autocast_keeps_the_output_dtype():
+    """Under bf16 autocast HF's LayerNorm returns float32; the fused block must too."""
+    original = tiny_bert().eval()
+    patched = fuse_model(copy.deepcopy(original))
+    ids = token_ids()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = hidden(patched(ids)), hidden(original(ids))
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=0.05, rtol=0.05)
+
+
 def test_bert_admin_residual_scale():
     """residual_scale="vector": a learned omega per fused block, initialised to 1 (same outputs as without),
     with a gradient, one new state_dict key per block, and admin_init sets it from a profiling pass."""
@@ -209,7 +220,7 @@ def test_hf_rmsnorm_output_dtype_and_values_match_llama(x_dtype, w_dtype):
     x = (torch.randn(6, 48, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(x_dtype)
     ours, theirs = twin(x), norm(x)
     assert ours.dtype == theirs.dtype == torch.promote_types(x_dtype, w_dtype)
-    x64, w64 = x.double(), norm.weight.double()
+    x64, w64 = x.double(), norm.weight.detach().double()
     reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert_within_section6("y", ours, reference, theirs, dtype=theirs.dtype)
 

@@ -39,9 +39,10 @@ __all__ = ["FusedPostLNOutput", "fuse_model", "patch_post_ln"]
 class FusedPostLNOutput(nn.Module):
     """``LayerNorm(input * s + dropout(dense(hidden_states)))`` as one fused add_layer_norm call.
 
-    hidden_states: (..., dense.in_features); input_tensor: (..., N). Returns (..., N) in the dense
-    output's dtype. Children: ``dense`` (the original nn.Linear) and ``LayerNorm`` (an AddLayerNorm
-    with the original weight/bias, the block's dropout probability and the residual scale).
+    hidden_states: (..., dense.in_features); input_tensor: (..., N). Returns (..., N) in the dtype of
+    ``dense(h) + input`` (float32 under autocast when the stream is float32, as HF's block).
+    Children: ``dense`` (the original nn.Linear) and ``LayerNorm`` (an AddLayerNorm with the original
+    weight/bias, the block's dropout probability and the residual scale).
     """
 
     def __init__(self, dense: nn.Module, norm: AddLayerNorm):
@@ -50,8 +51,13 @@ class FusedPostLNOutput(nn.Module):
         self.LayerNorm = norm
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        x = self.dense(hidden_states)
+        if x.dtype != input_tensor.dtype:
+            # Under autocast dense() gives bf16 while the stream is float32: HF's LayerNorm(x + input)
+            # then returns float32, and so must we (the kernel takes one dtype for x and y).
+            x = x.to(torch.promote_types(x.dtype, input_tensor.dtype))
         # Positional (x, residual): admin_init's profiling hook reads them in this order.
-        return self.LayerNorm(self.dense(hidden_states), input_tensor)
+        return self.LayerNorm(x, input_tensor)
 
 
 def _is_post_ln_block(module: nn.Module) -> bool:
