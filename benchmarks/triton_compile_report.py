@@ -179,9 +179,23 @@ def to_markdown(report: dict) -> str:
                      f"{r['num_warps']} | {r['registers']} | {r['spill_store_bytes']}/{r['spill_load_bytes']} | "
                      f"{fmt(r['ld'])} | {fmt(r['st'])} |")
     spills = [r for r in report["rows"] if r["spill_store_bytes"] or r["spill_load_bytes"]]
-    lines += ["", f"Spills: {len(spills)} of {len(report['rows'])} specializations"
-              + (": " + ", ".join(f"{r['kernel']} {r['variant']} {r['dtype']} N={r['N']}" for r in spills)
-                 if spills else " (none)."), ""]
+    small = [r for r in report["rows"] if r["N"] <= 8192]
+    small_spills = [r for r in spills if r["N"] <= 8192]
+    vectorized = sum(r["vectorized_128"] for r in report["rows"])
+    lines += ["", "## Summary", "",
+              f"- 128-bit global loads and stores present in {vectorized} of {len(report['rows'])} specializations.",
+              f"- N <= 8192: {len(small) - len(small_spills)} of {len(small)} specializations without spills"
+              + ("; spilling: " + "; ".join(f"{r['kernel']} {r['variant']} {r['dtype']} N={r['N']} "
+                                            f"({r['spill_store_bytes']}/{r['spill_load_bytes']} B)"
+                                            for r in small_spills) if small_spills else "") + ".",
+              f"- All N: {len(spills)} of {len(report['rows'])} specializations spill"
+              + (": " + "; ".join(f"{r['kernel']} {r['variant']} {r['dtype']} N={r['N']} "
+                                  f"({r['spill_store_bytes']}/{r['spill_load_bytes']} B)" for r in spills)
+                 if spills else "") + ".",
+              "- Registers per thread are capped at 65536 / (32 * warps): 128 at 16 warps (BLOCK_N = 8192), 64 at",
+              "  32 warps (16384). The backward with a learned (N,) scale keeps three float32 column accumulators",
+              "  plus weight and scale live across rows, which is what overflows at 8192 columns (see",
+              "  fusednorm/triton/heuristics.py).", ""]
     return "\n".join(lines)
 
 
