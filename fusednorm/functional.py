@@ -33,6 +33,11 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _unit_stride(p: Tensor | None) -> Tensor | None:
+    """A (N,) or 0-d parameter with unit stride (a copy only when it is a strided view)."""
+    return p.contiguous() if p is not None else None
+
+
 def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
                   residual_in_fp32, backend: str | None):
@@ -47,7 +52,10 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
     name = backends.resolve(backend, x.device)
 
-    learned_scale = residual_scale if isinstance(residual_scale, Tensor) else None
+    # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
+    # matrix) is copied once here (N elements) instead of being read with the wrong stride.
+    weight, bias = _unit_stride(weight), _unit_stride(bias)
+    learned_scale = _unit_stride(residual_scale) if isinstance(residual_scale, Tensor) else None
     scale_value = float(residual_scale) if isinstance(residual_scale, numbers.Real) else 1.0
     if residual_in_fp32 and x.dtype != torch.float64:
         h_dtype = torch.float32
@@ -72,10 +80,18 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
                          x_dtype=x.dtype, x_shape=x.shape,
                          residual_dtype=residual.dtype if residual is not None else None,
                          bias_dtype=bias.dtype if bias is not None else None)
-    y = y.view(x.shape)
+    y = _as_output(y, x.shape)
     if prenorm:
-        return y, h.view(x.shape)
+        return y, _as_output(h, x.shape)
     return y
+
+
+def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
+    """An (M, N) result in x's shape, returned as a tensor of its own rather than an autograd view of a
+    tensor made in the forward: autograd forbids in-place changes of such views, while callers may
+    modify torch.nn.functional.layer_norm's result in place (y.mul_(), Dropout(inplace=True)). The
+    storage and version counter stay shared, so changing a saved h in place still fails the backward."""
+    return t.view(shape).detach()
 
 
 def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[str, Tensor | None]:
