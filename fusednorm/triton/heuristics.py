@@ -32,8 +32,12 @@ The rule:
   loaded once per program and the backward's float32 column partial sums stay in registers until
   the program ends. On CUDA the grid is ``SMs * programs_per_SM`` (``programs_per_SM`` fills the
   SM's 64 warp slots: up to 32 programs per SM in the forward, the hardware limit, for latency
-  hiding; at most 8 in the backward, so that its partial-sum buffer stays ``(8 * SMs, N)``
-  float32 -- a few MB -- reduced once by ``torch.sum(0)`` in a fixed order).
+  hiding, times ``FORWARD_OVERSUBSCRIPTION`` = 4 so that the hardware scheduler evens out the
+  waves (residency depends on registers, unknown before compiling); at most 8 per SM in the
+  backward, so that its partial-sum buffer stays ``(8 * SMs, N)`` float32 -- a few MB -- reduced
+  once by ``torch.sum(0)`` in a fixed order. For the backward at 16 elements per thread the
+  compile report's registers give 1 resident program per SM at 8-16 warps and 4 at 2 warps, so
+  8 per SM makes whole waves).
   Under the interpreter (CPU) a small fixed grid is used (``INTERPRETER_PROGRAMS``).
 """
 
@@ -53,6 +57,10 @@ CHUNK_N_BACKWARD = 4096
 # Grid size used when there is no GPU to size it (TRITON_INTERPRET=1 on CPU tensors).
 INTERPRETER_PROGRAMS = 3
 FORWARD_PROGRAMS_PER_SM = 32
+# The forward's grid is this many times what the SMs could hold by warp slots: how many programs
+# are resident depends on their registers, which the host does not know before compiling, and
+# equal-sized programs in a grid of 2.1 waves would leave the last wave mostly idle.
+FORWARD_OVERSUBSCRIPTION = 4
 BACKWARD_PROGRAMS_PER_SM = 8
 WARP_SLOTS_PER_SM = 64
 
@@ -93,7 +101,7 @@ def launch_config(rows: int, cols: int, device: torch.device, backward: bool) ->
         index = device.index if device.index is not None else torch.cuda.current_device()
         cap = BACKWARD_PROGRAMS_PER_SM if backward else FORWARD_PROGRAMS_PER_SM
         per_sm = max(1, min(cap, WARP_SLOTS_PER_SM // num_warps))
-        target = _sm_count(index) * per_sm
+        target = _sm_count(index) * per_sm * (1 if backward else FORWARD_OVERSUBSCRIPTION)
     else:
         target = INTERPRETER_PROGRAMS
     rows_per_program = triton.cdiv(rows, min(rows, target))
