@@ -196,8 +196,9 @@ def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
       - float32 input rows of normal size (offset from 0) and of size ~sqrt(eps) (so a different eps
         shows), against ``w * x * rsqrt(mean(x^2) + eps)`` in float64; this rejects Gemma's ``(1 + w)``,
         a LayerNorm without bias (mean subtracted), gated norms and modules that ignore their weight;
-      - the output dtype for inputs in float32, bfloat16, float16 and the weight's dtype must follow one
-        of the rules of ``_hf_output_dtype`` (that rule is then kept by the drop-in).
+      - the output dtype for inputs in float32, bfloat16 and float16, with the weight in its own dtype,
+        float32 and bfloat16, must follow one of the rules of ``_hf_output_dtype`` (that rule is then
+        kept by the drop-in, so it still holds after ``model.to(dtype)``).
     """
     weight = module._parameters.get("weight")
     if (set(module._parameters) != {"weight"} or module._buffers or module._modules or weight is None
@@ -224,21 +225,25 @@ def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
             x = torch.cat([torch.randn(2, n, generator=gen) + 1.0, tiny * torch.randn(2, n, generator=gen)])
             x64 = x.double()
             ref = w64 * x64 * torch.rsqrt((x64 * x64).mean(-1, keepdim=True) + eps)
+            # The output dtype for every (x dtype, weight dtype) pair: with float32 weights LLaMA's and
+            # T5's conventions agree, with bf16 weights they differ; the rule must hold after model.to().
             out_dtypes = {}
-            for dtype in (torch.float32, torch.bfloat16, torch.float16, weight.dtype):
-                out = probe.forward(x.to(device=weight.device, dtype=dtype))
-                if not isinstance(out, Tensor) or out.shape != x.shape:
-                    return None
-                out_dtypes[dtype] = out.dtype
-                if dtype == torch.float32:
-                    tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
-                    err = (out.detach().double().cpu() - ref).abs() / ref.abs().amax(-1, keepdim=True)
-                    if not bool((err <= tol).all()):
+            for w_dtype in dict.fromkeys((weight.dtype, torch.float32, torch.bfloat16)):
+                probe = probe.to(w_dtype)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    out = probe.forward(x.to(device=weight.device, dtype=dtype))
+                    if not isinstance(out, Tensor) or out.shape != x.shape:
                         return None
+                    out_dtypes[dtype, w_dtype] = out.dtype
+                    if dtype == torch.float32 and w_dtype == weight.dtype:
+                        tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
+                        err = (out.detach().double().cpu() - ref).abs() / ref.abs().amax(-1, keepdim=True)
+                        if not bool((err <= tol).all()):
+                            return None
     except Exception:  # a module that cannot run the probe is not a match
         return None
     for rule in ("promote", "input", "weight"):
-        if all(_hf_output_dtype(rule, x_dtype, weight.dtype) == o for x_dtype, o in out_dtypes.items()):
+        if all(_hf_output_dtype(rule, x_dtype, w_dtype) == o for (x_dtype, w_dtype), o in out_dtypes.items()):
             return eps, rule
     return None
 

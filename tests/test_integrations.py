@@ -109,3 +109,76 @@ def test_replaced_encoder_trains_with_an_optimizer_built_before():
     model(torch.randn(4, 2, D_MODEL)).square().mean().backward()
     opt.step()
     assert not torch.equal(norm.weight, before)
+
+
+# ------------------------------------------------------------- HF-style RMSNorm classes, matched by behaviour
+
+class _LlamaStyle(nn.Module):
+    """The three output-dtype conventions of HF's RMSNorm classes, written out as HF writes them (so that
+    these tests need no transformers): "promote" (LlamaRMSNorm), "input" (Olmo2RMSNorm), "weight"
+    (T5LayerNorm)."""
+
+    def __init__(self, n: int, rule: str, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+        self.rule = rule
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        if self.rule == "promote":
+            return self.weight * h.to(dtype)
+        if self.rule == "input":
+            return (self.weight * h).to(dtype)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(self.weight.dtype)
+        return self.weight * h
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("rule", ["promote", "input", "weight"])
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_hf_style_rmsnorm_replaced_with_its_dtype_rule(rule, w_dtype):
+    norm = _LlamaStyle(40, rule).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    model = nn.Sequential(norm)
+    fusednorm.replace_norms(model)
+    twin = model[0]
+    assert isinstance(twin, fusednorm.modules.HFRMSNorm) and twin.out_dtype_rule == rule
+    assert twin.weight is norm.weight and list(model.state_dict()) == ["0.weight"]
+    for x_dtype in DTYPES:
+        x = (torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(x_dtype)
+        ours, theirs = twin(x), norm(x)
+        assert ours.dtype == theirs.dtype, (x_dtype, ours.dtype, theirs.dtype)
+        x64, w64 = x.double(), norm.weight.detach().double()
+        reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+        assert_within_section6(f"y {x_dtype}", ours, reference, theirs, dtype=theirs.dtype)
+        g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
+        xs = [x.clone().requires_grad_(True) for _ in range(3)]
+        ours = twin(xs[0])
+        grads = [torch.autograd.grad((o.double() * g).sum(), xi)[0] for o, xi in
+                 ((ours, xs[0]), (norm(xs[1]), xs[1]), (ExactRMS(norm)(xs[2].double()), xs[2]))]
+        assert_within_section6(f"dx {x_dtype}", grads[0], grads[2], grads[1], dtype=x_dtype)
+
+
+class ExactRMS(nn.Module):
+    """w * x * rsqrt(mean(x^2) + eps) in x's dtype (the float64 reference)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        w = self.norm.weight.detach().to(x.dtype)
+        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
+
+
+def test_replace_norms_leaves_non_norms_and_meta_modules_alone():
+    model = nn.Sequential(nn.Linear(8, 8), _LlamaStyle(8, "promote").to("meta"), nn.Embedding(4, 8))
+    fusednorm.replace_norms(model)
+    assert [type(m) for m in model] == [nn.Linear, _LlamaStyle, nn.Embedding]
