@@ -296,3 +296,19 @@ def test_modules_compile_on_the_triton_backend():
         with torch._inductor.config.patch(fallback_random=True):
             compiled = _run_module(torch.compile(module, fullgraph=True), case)
         _assert_identical(compiled, eager, case.name())
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend unavailable on the CPU")
+def test_backend_resolution_is_not_traced(monkeypatch):
+    """The availability check runs at trace time, not inside the graph: a check that Dynamo cannot trace
+    (the cuda backend's first check imports its compiled extension) must not break the graph."""
+    import importlib
+
+    def interpreted_after_an_import() -> bool:
+        importlib.import_module("fusednorm.backends.common")  # Dynamo refuses to trace import_module
+        return True
+
+    monkeypatch.setattr(fusednorm.backends, "_triton_interpreted", interpreted_after_an_import)
+    x = torch.randn(4, N)
+    fn = torch.compile(lambda t: fusednorm.layer_norm(t, backend="triton"), fullgraph=True)
+    assert torch.equal(fn(x), fusednorm.layer_norm(x, backend="triton"))

@@ -30,6 +30,9 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Under torch.compile the answer is a constant of the graph: Dynamo calls this at trace time instead of
+# tracing it (the cuda backend's first check imports its extension, which Dynamo refuses to trace).
+@torch.compiler.assume_constant_result
 def _why_unavailable(name: str, device: torch.device | None) -> str | None:
     """None if ``name`` can run on tensors of ``device`` here, else the reason, in words."""
     if name == "torch":
