@@ -245,3 +245,47 @@ def test_dropout_seed_is_drawn_on_the_input_device():
     # The kernels read the seed from a device tensor (no host sync); the CPU draw is what CPU checks see.
     seed = draw_seed("cpu")
     assert seed.dtype == torch.int64 and seed.shape == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.py: a plain install stays pure Python; FUSEDNORM_BUILD_CUDA=1 fails loudly, saying why.
+# ---------------------------------------------------------------------------------------------
+def _setup_namespace() -> dict:
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    source = open(path).read()
+    # Everything but the module-level calls (cuda_extensions() and setup()).
+    source = source.split("\next_modules, cmdclass = cuda_extensions()")[0]
+    namespace = {"__file__": path}
+    exec(compile(source, path, "exec"), namespace)
+    return namespace
+
+
+def test_setup_without_torch_is_pure_python_unless_asked(monkeypatch):
+    import sys
+
+    namespace = _setup_namespace()
+    monkeypatch.setitem(sys.modules, "torch", None)  # pip's isolated build environment: no torch
+    monkeypatch.delenv("FUSEDNORM_BUILD_CUDA", raising=False)
+    assert namespace["cuda_extensions"]() == ([], {})
+    monkeypatch.setenv("FUSEDNORM_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="no-build-isolation"):
+        namespace["cuda_extensions"]()
+    monkeypatch.setenv("FUSEDNORM_BUILD_CUDA", "0")
+    assert namespace["cuda_extensions"]() == ([], {})
+
+
+def test_setup_rejects_a_cuda_home_without_headers(monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        pytest.skip("CPU-only torch: setup.py stops before looking at CUDA_HOME")
+    namespace = _setup_namespace()
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("#!/bin/sh\nexec /opt/cuda/bin/nvcc \"$@\"\n")  # a wrapper's root
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert "include/cuda_runtime.h" in namespace["_why_not_buildable"]()
+    monkeypatch.setenv("FUSEDNORM_BUILD_CUDA", "1")
+    with pytest.raises(RuntimeError, match="real toolkit root"):
+        namespace["cuda_extensions"]()
