@@ -9,6 +9,7 @@ Model: token + learned position embeddings -> fusednorm.models.Encoder (L layers
 
 Runs: plain Post-LN, Admin (Post-LN with omega from fusednorm.admin_init on one training batch) and Pre-LN
 at depth L (default 18), plus a shallow Post-LN (3 layers) that shows the learning rate is a sane one.
+Optional variants (--variants): admin_closed (omega from the closed form, no batch) and deepnorm.
 
     python benchmarks/admin/train_demo.py            # writes benchmarks/results/admin/train_demo.(md|csv|png)
     python benchmarks/admin/train_demo.py --steps 50 --seeds 1 --no-write   # smoke
@@ -61,7 +62,9 @@ def train(variant: str, depth: int, seed: int, *, steps: int, lr: float, vocab: 
     """One run; returns per-step training loss and periodic held-out token / sequence accuracy."""
     torch.manual_seed(seed)
     data = torch.Generator().manual_seed(seed)
-    model = SortModel(vocab, seq, depth, "admin" if variant == "admin" else variant)
+    model = SortModel(vocab, seq, depth, "admin" if variant == "admin_closed" else variant)
+    if variant == "admin_closed":  # no batch: admin-torch's closed form for N = 2 * depth branches
+        fusednorm.admin_init(model)
     if variant == "admin":
         x_profile, _ = batch(torch.Generator().manual_seed(10_000 + seed), batch_size, seq, vocab)
         fusednorm.admin_init(model, lambda: model(x_profile))
@@ -97,7 +100,11 @@ def summarize(runs: list[dict], tail: int = 20) -> list[dict]:
 
 
 def label(variant: str, depth: int) -> str:
-    return {"post": "Post-LN", "pre": "Pre-LN", "admin": "Admin"}[variant] + f" L={depth}"
+    return LABELS[variant] + f" L={depth}"
+
+
+LABELS = {"post": "Post-LN", "admin": "Admin", "admin_closed": "Admin (closed form)", "pre": "Pre-LN",
+          "deepnorm": "DeepNorm"}
 
 
 def write_outputs(runs: list[dict], args, seconds: float, out_dir: Path = OUT_DIR) -> None:
@@ -132,7 +139,8 @@ def write_outputs(runs: list[dict], args, seconds: float, out_dir: Path = OUT_DI
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"post": "tab:red", "pre": "tab:blue", "admin": "tab:green"}
+    colors = {"post": "tab:red", "pre": "tab:blue", "admin": "tab:green", "admin_closed": "tab:olive",
+              "deepnorm": "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
     seen = set()
     for r in runs:
@@ -151,7 +159,8 @@ def write_outputs(runs: list[dict], args, seconds: float, out_dir: Path = OUT_DI
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Sorting, Adam lr {args.lr} without warmup: {args.depth}-layer Post-LN vs Admin vs Pre-LN "
+    others = " / ".join(dict.fromkeys(LABELS[r["variant"]] for r in runs if r["variant"] != "post"))
+    fig.suptitle(f"Sorting, Adam lr {args.lr} without warmup: {args.depth}-layer Post-LN vs {others} "
                  f"({args.seeds} seeds each)")
     fig.tight_layout()
     fig.savefig(out_dir / "train_demo.png", dpi=120)
@@ -178,7 +187,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.merge:
         dumps = [json.loads(f.read_text()) for f in args.merge]
-        runs = sorted((r for d in dumps for r in d["runs"]), key=lambda r: (r["order"], r["seed"]))
+        rank = lambda r: (r["depth"] == args.depth, list(LABELS).index(r["variant"]), r["seed"])
+        runs = sorted((r for d in dumps for r in d["runs"]), key=rank)
         args.seeds = len({r["seed"] for r in runs})
         write_outputs(runs, args, sum(d["seconds"] for d in dumps), args.out)
         print(f"wrote {args.out}/train_demo.(md|csv|png) from {len(runs)} runs")
