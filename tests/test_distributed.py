@@ -44,8 +44,12 @@ class TinyModel(nn.Module):
             self.add_norm.weight.uniform_(0.5, 1.5)
             self.final_norm.weight.uniform_(0.5, 1.5)
 
-    def forward(self, x):
+    def forward(self, x, eager: bool = False):
         h = self.embed(x)
+        if eager:  # the same math in plain torch, with the same parameters
+            h = nn.functional.layer_norm(h * self.add_norm.residual_scale + self.branch(h), (N,), self.add_norm.weight,
+                                         self.add_norm.bias, self.add_norm.eps)
+            return self.head(nn.functional.rms_norm(h, (N,), self.final_norm.weight, self.final_norm.eps))
         h = self.add_norm(self.branch(h), h)
         return self.head(self.final_norm(h))
 
@@ -55,11 +59,11 @@ def _data(step: int):
     return torch.randn(8, 8, generator=gen) * 2 + 1, torch.randn(8, 1, generator=gen)
 
 
-def _loss(model, x, y):
-    return nn.functional.mse_loss(model(x), y)
+def _loss(model, x, y, eager=False):
+    return nn.functional.mse_loss(model(x, eager) if eager else model(x), y)
 
 
-def _reference_grads() -> list[dict[str, torch.Tensor]]:
+def _reference_grads(eager: bool = False) -> list[dict[str, torch.Tensor]]:
     """One process, the whole global batch: the gradients of every step of SGD training."""
     torch.manual_seed(0)
     model = TinyModel()
@@ -67,7 +71,7 @@ def _reference_grads() -> list[dict[str, torch.Tensor]]:
     out = []
     for step in range(STEPS):
         opt.zero_grad()
-        _loss(model, *_data(step)).backward()
+        _loss(model, *_data(step), eager=eager).backward()
         out.append({k: p.grad.clone() for k, p in model.named_parameters()})
         opt.step()
     return out
@@ -80,45 +84,55 @@ def _check(step, grads, reference, label):
                                    f"{k}: {m}")
 
 
-def _worker(rank: int, port: int, backend: str) -> None:
-    import torch.distributed as dist
+def _train_and_check(rank: int, backend: str) -> None:
+    import torch.distributed as dist  # noqa: F401  (initialised by the caller)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
     fusednorm.set_backend(backend)
+    reference = _reference_grads()
+    # The single-process reference is itself right: plain torch eager gives the same gradients.
+    for step, eager in enumerate(_reference_grads(eager=True)):
+        for k, g in eager.items():
+            torch.testing.assert_close(reference[step][k], g, rtol=2e-5, atol=2e-6)
+    half = slice(rank * 4, rank * 4 + 4)  # this rank's half of the global batch of 8
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(TinyModel())
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        _loss(ddp, x[half], y[half]).backward()  # DDP averages the ranks' gradients
+        _check(step, {k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}, reference[step],
+               f"[{backend}] DDP rank {rank}")
+        opt.step()
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    torch.manual_seed(0)
+    model = TinyModel()
+    for module in (model.embed, model.branch, model.add_norm, model.final_norm, model.head):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        _loss(model, x[half], y[half]).backward()  # FSDP2 reduce-scatters the averaged gradients
+        _check(step, {k: p.grad.full_tensor() for k, p in model.named_parameters()}, reference[step],
+               f"[{backend}] FSDP2 rank {rank}")
+        opt.step()
+
+
+def _worker(rank: int, port: int, backends: list[str]) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        reference = _reference_grads()
-        half = slice(rank * 4, rank * 4 + 4)  # this rank's half of the global batch of 8
-
-        torch.manual_seed(0)
-        ddp = DistributedDataParallel(TinyModel())
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        for step in range(STEPS):
-            x, y = _data(step)
-            opt.zero_grad()
-            _loss(ddp, x[half], y[half]).backward()  # DDP averages the ranks' gradients
-            _check(step, {k.removeprefix("module."): p.grad for k, p in ddp.named_parameters()}, reference[step],
-                   f"DDP rank {rank}")
-            opt.step()
-
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        torch.manual_seed(0)
-        model = TinyModel()
-        for module in (model.embed, model.branch, model.add_norm, model.final_norm, model.head):
-            fully_shard(module, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        for step in range(STEPS):
-            x, y = _data(step)
-            opt.zero_grad()
-            _loss(model, x[half], y[half]).backward()  # FSDP2 reduce-scatters the averaged gradients
-            _check(step, {k: p.grad.full_tensor() for k, p in model.named_parameters()}, reference[step],
-                   f"FSDP2 rank {rank}")
-            opt.step()
+        for backend in backends:  # one spawn for all backends: starting processes is the slow part
+            _train_and_check(rank, backend)
     finally:
         dist.destroy_process_group()
 
@@ -129,12 +143,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_ddp_and_fsdp2_gradients_equal_single_process(backend):
-    """Two gloo processes, DDP then FSDP2, three SGD steps each; a worker's failed assertion is re-raised
-    here. A hung collective fails the test after 240 s instead of hanging CI."""
+def test_ddp_and_fsdp2_gradients_equal_single_process():
+    """Two gloo processes, DDP then FSDP2, three SGD steps each, on every available backend in turn (the
+    failure message names it); a worker's failed assertion is re-raised here. A hung collective fails
+    the test after 240 s instead of hanging CI."""
     # The workers inherit os.environ, hence TRITON_INTERPRET as tests/conftest.py set it.
-    ctx = mp.spawn(_worker, args=(_free_port(), backend), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(_free_port(), BACKENDS), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
