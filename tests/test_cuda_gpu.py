@@ -211,3 +211,42 @@ def test_cuda_more_than_2_to_the_31_elements():
     torch.testing.assert_close(y[-4:], torch.nn.functional.layer_norm(tail.float(), (n,)).half(),
                                rtol=2e-3, atol=2e-3)
     assert torch.equal(y[0], torch.zeros_like(y[0]))
+
+
+@pytest.mark.parametrize("store_h, dropout_p", [(False, 0.0), (True, 0.25)])
+def test_cuda_ops_pass_opcheck(store_h, dropout_p):
+    """Schema, fake functions and real kernels agree (torch.library.opcheck) for cuda_fwd and cuda_bwd."""
+    from fusednorm.dropout import draw_seed, keep_threshold
+
+    m, n = 6, 520
+    x = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
+    residual = torch.randn(m, n, device=DEVICE, dtype=torch.float32)
+    weight = torch.randn(n, device=DEVICE)
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
+    scale = torch.rand(n, device=DEVICE)
+    seed = draw_seed(DEVICE) if dropout_p else None
+    threshold = keep_threshold(dropout_p) if dropout_p else 0
+    fwd_args = (x, residual, weight, bias, scale, 1.0, 1e-5, dropout_p, threshold, seed, False, store_h, torch.float32)
+    torch.library.opcheck(torch.ops.fusednorm.cuda_fwd.default, fwd_args)
+    y, h, mean, rstd = torch.ops.fusednorm.cuda_fwd(*fwd_args)
+    bwd_args = (torch.randn_like(y), h if store_h else None, x, residual, h if store_h else None, weight,
+                torch.bfloat16, scale, 1.0, mean, rstd, dropout_p, threshold, seed, False, torch.bfloat16,
+                torch.float32, True)
+    torch.library.opcheck(torch.ops.fusednorm.cuda_bwd.default, bwd_args)
+
+
+def test_cuda_backend_under_torch_compile_fullgraph():
+    x = torch.randn(8, 1024, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    residual = torch.randn(8, 1024, device=DEVICE, dtype=torch.float16)
+    weight = torch.randn(1024, device=DEVICE, requires_grad=True)
+
+    def f(x, residual, weight):
+        y, h = fusednorm.add_rms_norm(x, residual, weight, prenorm=True, residual_in_fp32=True, backend="cuda")
+        return y.float().sum() + h.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    expected = f(x, residual, weight)
+    got = compiled(x, residual, weight)
+    torch.testing.assert_close(got, expected)
+    got.backward()
+    assert x.grad is not None and weight.grad is not None
