@@ -109,14 +109,32 @@ def test_wide_rows_torch_backend(case):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
-def test_wide_row_triton_real_chunking():
-    """N = 65537 > MAX_BLOCK_N (16384): five column chunks, the last one a single column."""
+@pytest.mark.parametrize("n", [9000, 65537])
+def test_wide_row_triton_real_chunking(n):
+    """The real caps: N = 9000 runs the forward in one block and the backward in chunks (its one-pass
+    cap is lower); N = 65537 > 16384 chunks both, the last chunk a single column."""
     from fusednorm.triton import heuristics
 
-    cfg = heuristics.launch_config(1, 65537, torch.device("cpu"), backward=False)
-    assert cfg.num_chunks == 5
-    failures = _failures(check_case(Case("add_layer_norm", (1, 65537), torch.float32, None, "vector"), "triton"))
+    fwd = heuristics.launch_config(1, n, torch.device("cpu"), backward=False)
+    bwd = heuristics.launch_config(1, n, torch.device("cpu"), backward=True)
+    assert bwd.num_chunks > 1 and (fwd.num_chunks > 1) == (n > 16384)
+    failures = _failures(check_case(Case("add_layer_norm", (1, n), torch.float32, None, "vector"), "triton"))
     assert not failures, failures
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (0, 70000)])
+def test_empty_batch_on_every_backend(backend, shape):
+    """M = 0 (any leading dim 0, wide rows too): empty outputs and zero parameter gradients."""
+    x, r = torch.randn(*shape, requires_grad=True), torch.randn(*shape, requires_grad=True)
+    n = shape[-1]
+    w, b, s = (torch.ones(n, requires_grad=True), torch.zeros(n, requires_grad=True),
+               torch.ones((), requires_grad=True))
+    y, h = fusednorm.add_layer_norm(x, r, w, b, residual_scale=s, dropout_p=0.5, prenorm=True, backend=backend)
+    assert y.shape == h.shape == shape
+    (y.sum() + h.sum()).backward()
+    assert x.grad.shape == r.grad.shape == shape
+    assert not w.grad.any() and not b.grad.any() and not s.grad.any()
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton backend unavailable")
