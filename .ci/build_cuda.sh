@@ -19,6 +19,8 @@ fi
 
 # The toolkit root has bin/nvcc as a real binary next to include/cuda_runtime.h. The nvcc on PATH may
 # be a wrapper script (exec /usr/local/cuda-13.0/bin/nvcc "$@"), so its parent is not the root.
+is_script() { [[ "$(head -c 2 "$1" 2>/dev/null)" == "#!" ]]; }
+
 find_cuda_home() {
   local candidates=()
   [[ -n "${CUDA_HOME:-}" ]] && candidates+=("$CUDA_HOME")
@@ -27,7 +29,7 @@ find_cuda_home() {
     nvcc_path="$(readlink -f "$(command -v nvcc)")"
     candidates+=("$(dirname "$(dirname "$nvcc_path")")")
     # A wrapper script names the real nvcc.
-    if file -b "$nvcc_path" 2>/dev/null | grep -qi 'script'; then
+    if is_script "$nvcc_path"; then
       local target
       target="$(grep -oE '/[^ "]*/bin/nvcc' "$nvcc_path" | head -n 1 || true)"
       [[ -n "$target" ]] && candidates+=("$(dirname "$(dirname "$target")")")
@@ -36,7 +38,7 @@ find_cuda_home() {
   candidates+=(/usr/local/cuda /usr/local/cuda-*)
   local dir
   for dir in "${candidates[@]}"; do
-    if [[ -x "$dir/bin/nvcc" && -f "$dir/include/cuda_runtime.h" ]] && ! file -b "$dir/bin/nvcc" | grep -qi 'script'; then
+    if [[ -x "$dir/bin/nvcc" && -f "$dir/include/cuda_runtime.h" ]] && ! is_script "$dir/bin/nvcc"; then
       echo "$dir"
       return 0
     fi
