@@ -193,9 +193,9 @@ def to_markdown(report: dict) -> str:
                                   f"({r['spill_store_bytes']}/{r['spill_load_bytes']} B)" for r in spills)
                  if spills else "") + ".",
               "- Registers per thread are capped at 65536 / (32 * warps): 128 at 16 warps (BLOCK_N = 8192), 64 at",
-              "  32 warps (16384). The backward with a learned (N,) scale keeps three float32 column accumulators",
-              "  plus weight and scale live across rows, which is what overflows at 8192 columns (see",
-              "  fusednorm/triton/heuristics.py).", ""]
+              "  32 warps (16384). The backward with a learned scale keeps three float32 column accumulators",
+              "  live across rows; at 8192 columns it re-reads weight and scale per row instead of holding them",
+              "  too (PARAMS_PER_ROW_BLOCK_N in fusednorm/triton/heuristics.py).", ""]
     return "\n".join(lines)
 
 

@@ -7,9 +7,15 @@
   would add ~2 ulp to every output of the row).
 - ``merge_moments``: Chan et al.'s pairwise merge of (count, mean, M2) for rows processed in
   chunks; stable like two-pass statistics (never E[h^2] - E[h]^2).
+- ``sum_pair``: the combine function of a two-output ``tl.reduce`` (both row sums of the
+  LayerNorm backward in one reduction, one round of shuffles and shared memory instead of two).
+- ``late_upcast``: a 16-bit tensor to float32 where it is used, so that only the 16-bit copy stays
+  live across the code in between.
 """
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
@@ -22,6 +28,8 @@ _ROUND_B: tl.constexpr = tl.constexpr(PHILOX_ROUND_B)
 _KEY_A: tl.constexpr = tl.constexpr(PHILOX_KEY_A)
 _KEY_B: tl.constexpr = tl.constexpr(PHILOX_KEY_B)
 _ROUNDS: tl.constexpr = tl.constexpr(PHILOX_ROUNDS)
+# The interpreter (TRITON_INTERPRET=1, read when triton is imported) cannot run inline PTX.
+_INTERPRETED: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
 
 
 @triton.jit
@@ -111,3 +119,29 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     mean = mean_a + delta * (count_b / count)
     m2 = m2_a + m2_b + delta * delta * (count_a * count_b / count)
     return count, mean, m2
+
+
+@triton.jit
+def sum_pair(a0, a1, b0, b1):
+    """Combine function of ``tl.reduce((u, v), axis, sum_pair)``: (sum(u), sum(v)) in one reduction."""
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def late_upcast(x, COMPUTE: tl.constexpr):
+    """``x.to(COMPUTE)``, computed here even if x was converted before.
+
+    A second ``.to(COMPUTE)`` of the same value would be merged with the first by the compiler
+    (MLIR and LLVM common-subexpression elimination), which keeps the float32 copy live in between:
+    twice the registers of the 16-bit one. An inline-PTX conversion (exact: every fp16 and bf16
+    value is a float32) is opaque to that merge. float32/float64 inputs, and the interpreter, take
+    the plain conversion.
+    """
+    if _INTERPRETED or x.dtype == COMPUTE or COMPUTE != tl.float32:
+        return x.to(COMPUTE)
+    elif x.dtype == tl.float16:
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)

@@ -23,21 +23,31 @@ The rule:
   512 columns, i.e. two 128-bit accesses per 16-bit tensor (four per float32 tensor) per thread.
   Fewer elements per thread would not lower the register need of a block, only move it to more
   threads (a CTA's 64K registers are the limit); more would cap registers per thread at 255.
-  ptxas on sm_90 (benchmarks/results/triton_compile_report.md): no spills up to N = 8192 except the
-  backward of LayerNorm with a learned (N,) residual scale at N = 8192 (24-56 bytes per thread in
-  the Pre-LN layout, 80-192 in the Post-LN layout, which rebuilds h from x and the residual: three
-  column accumulators plus weight and scale leave too few of the 128 registers per thread that
-  16 warps allow).
+  ptxas on sm_90 (benchmarks/results/triton_compile_report.md): no spills up to N = 8192.
+- ``PARAMS_PER_ROW_BLOCK_N`` (8192): the one rule that depends on the variant. A one-pass backward
+  block of 8192 columns runs 16 warps, so at most 128 registers per thread for its 16 columns per
+  thread. With a learned residual scale it keeps three float32 column accumulators (dweight, dbias,
+  dscale: 48 registers) across the row loop; holding weight and scale too (32 more) left too few
+  for the current row (dy, xhat, g, the residual) and ptxas spilled 24-56 bytes per thread in the
+  Pre-LN layout and 80-192 in the Post-LN one (which rebuilds h from x and the residual). So from
+  this width on, with a learned scale, the kernel re-reads weight and scale per row where they are
+  used (L1/L2 hits: (N,) values shared by all rows; every (M, N) input is still read once). With
+  two changes made at every width -- the residual stays 16-bit across the row reductions, and both
+  LayerNorm row sums are one reduction (kernels.py) -- this leaves 0 spills at 127-128 registers.
+  32 warps instead (64 registers per thread, 8 columns) still spill, even with these changes
+  (92-112 bytes per thread): the per-thread addressing and reduction overhead does not shrink with
+  the columns per thread.
 - Rows per program: both kernels loop over a contiguous range of rows, so the (N,) parameters are
-  loaded once per program and the backward's float32 column partial sums stay in registers until
-  the program ends. On CUDA the grid is ``SMs * programs_per_SM`` (``programs_per_SM`` fills the
-  SM's 64 warp slots: up to 32 programs per SM in the forward, the hardware limit, for latency
-  hiding, times ``FORWARD_OVERSUBSCRIPTION`` = 4 so that the hardware scheduler evens out the
-  waves (residency depends on registers, unknown before compiling); at most 8 per SM in the
-  backward, so that its partial-sum buffer stays ``(8 * SMs, N)`` float32 -- a few MB -- reduced
-  once by ``torch.sum(0)`` in a fixed order. For the backward at 16 elements per thread the
-  compile report's registers give 1 resident program per SM at 8-16 warps and 4 at 2 warps, so
-  8 per SM makes whole waves).
+  loaded once per program (but see ``PARAMS_PER_ROW_BLOCK_N``) and the backward's float32 column
+  partial sums stay in registers until the program ends. On CUDA the grid is
+  ``SMs * programs_per_SM`` (``programs_per_SM`` fills the SM's 64 warp slots: up to 32 programs
+  per SM in the forward, the hardware limit, for latency hiding, times
+  ``FORWARD_OVERSUBSCRIPTION`` = 4 so that the hardware scheduler evens out the waves (residency
+  depends on registers, unknown before compiling); at most 8 per SM in the backward, so that its
+  partial-sum buffer stays ``(8 * SMs, N)`` float32 -- a few MB -- reduced once by
+  ``torch.sum(0)`` in a fixed order. For the backward at 16 elements per thread the compile
+  report's registers give 1 resident program per SM at 8-16 warps and 4 at 2 warps, so 8 per SM
+  makes whole waves).
   Under the interpreter (CPU) a small fixed grid is used (``INTERPRETER_PROGRAMS``).
 """
 
@@ -53,6 +63,10 @@ import triton
 # both kernels, to exercise the chunked path at small N under the interpreter.
 MAX_BLOCK_N = 16384
 MAX_BLOCK_N_BACKWARD = 8192
+# One-pass backward blocks this wide (16 warps: at most 128 registers per thread) re-read the (N,)
+# weight and scale per row instead of holding them in registers, when the scale is learned (three
+# float32 column accumulators). Read by kernels.py at import (a constexpr).
+PARAMS_PER_ROW_BLOCK_N = 8192
 CHUNK_N_BACKWARD = 4096
 # Grid size used when there is no GPU to size it (TRITON_INTERPRET=1 on CPU tensors).
 INTERPRETER_PROGRAMS = 3

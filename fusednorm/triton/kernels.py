@@ -18,6 +18,9 @@ Backward, per row, with g = dy * weight (DESIGN section 2):
     dh = rstd * (g - c1 - xhat * c2) + dh_in;  dx = dh * keep / (1 - p);  dresidual = dh * s
 and per column, summed over the program's rows in float32 registers:
     dweight += dy * xhat,  dbias += dy,  dscale += dh * residual
+The (N,) weight and scale are loaded once per program, except in one-pass blocks of
+heuristics.PARAMS_PER_ROW_BLOCK_N columns or more with a learned scale: there they are re-read per
+row where used, so that they do not hold registers across the row loop (see heuristics.py).
 Each program writes its column sums to row ``pid`` of a (num_programs, N) buffer; the host reduces
 it with one fixed-order torch.sum(0), so gradients are bit-identical run to run (no atomics).
 
@@ -39,7 +42,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .helpers import add_scaled, divide, load_row, load_scale, merge_moments, philox_keep, row_rstd, scalar_arg
+from . import heuristics
+from .helpers import (
+    add_scaled,
+    divide,
+    late_upcast,
+    load_row,
+    load_scale,
+    merge_moments,
+    philox_keep,
+    row_rstd,
+    scalar_arg,
+    sum_pair,
+)
+
+_PARAMS_PER_ROW_BLOCK_N: tl.constexpr = tl.constexpr(heuristics.PARAMS_PER_ROW_BLOCK_N)
 
 
 @triton.jit
@@ -167,18 +184,19 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h,
-                  w, s, seed, keep_threshold, drop_scale,
+def _backward_row(DY, X, R, H, W, S, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h,
+                  w, s, scale, seed, keep_threshold, drop_scale,
                   COMPUTE: tl.constexpr, IS_RMS: tl.constexpr, RECOMPUTE_H: tl.constexpr,
                   HAS_RESIDUAL: tl.constexpr, LOAD_R: tl.constexpr, SCALE_KIND: tl.constexpr,
-                  HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+                  HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, PARAMS_PER_ROW: tl.constexpr):
     """Everything of one row chunk that the backward derives from its inputs:
-    (dy, xhat, g = dy * weight, residual (0 unless LOAD_R), dropout keep mask (when h is rebuilt), rstd).
-    Each input element is loaded once here."""
+    (dy, xhat, g = dy * weight, residual (0 unless LOAD_R; in its storage dtype, see ``late_upcast``),
+    dropout keep mask (when h is rebuilt), rstd). Each input element is loaded once here. The
+    parameters are the arguments w and s, or loaded here from W and S when PARAMS_PER_ROW."""
     dy = load_row(DY, row, stride_dy, cols, mask, COMPUTE)
     r = tl.zeros_like(dy)
     if LOAD_R:
-        r = load_row(R, row, stride_r, cols, mask, COMPUTE)
+        r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
     keep = mask
     if HAS_DROPOUT and RECOMPUTE_H:  # else the mask is drawn later, for dx only (fewer live registers)
         keep = philox_keep(seed, row * N + cols, keep_threshold)
@@ -188,7 +206,9 @@ def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride
         if HAS_DROPOUT:
             h = tl.where(keep, h * drop_scale, 0.0)
         if HAS_RESIDUAL:
-            h = add_scaled(h, r, s, SCALE_KIND)
+            if PARAMS_PER_ROW:
+                s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
+            h = add_scaled(h, r.to(COMPUTE), s, SCALE_KIND)
     else:
         h = load_row(H, row, stride_h, cols, mask, COMPUTE)
     rstd = tl.load(RSTD + row)
@@ -199,17 +219,21 @@ def _backward_row(DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride
         xhat = (h - tl.load(MEAN + row)) * rstd
     g = dy
     if HAS_WEIGHT:
+        if PARAMS_PER_ROW:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
         g = dy * w
     return dy, xhat, g, r, keep, rstd
 
 
 @triton.jit
-def _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr, stride_dh_in, seed,
-                      keep_threshold, drop_scale, COMPUTE: tl.constexpr, HAS_DH_IN: tl.constexpr,
+def _backward_outputs(DX, DR, DH_IN, S, dh, keep, s, scale, row, cols, mask, N, stride_dx, stride_dr, stride_dh_in,
+                      seed, keep_threshold, drop_scale, COMPUTE: tl.constexpr, HAS_DH_IN: tl.constexpr,
                       SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, RECOMPUTE_H: tl.constexpr,
-                      STORE_DRESIDUAL: tl.constexpr):
+                      STORE_DRESIDUAL: tl.constexpr, PARAMS_PER_ROW: tl.constexpr):
     """Adds dh_in to dh, writes dx (and dresidual); returns the full dh (for dscale).
-    ``keep`` is the dropout mask when h was rebuilt with it, else it is drawn here."""
+    ``keep`` is the dropout mask when h was rebuilt with it, else it is drawn here. With
+    PARAMS_PER_ROW the scale is loaded here, after the dx store: a load that the compiler cannot
+    merge with the one before the row reductions (the store may alias), so s is not live across them."""
     if HAS_DH_IN:
         dh += load_row(DH_IN, row, stride_dh_in, cols, mask, COMPUTE)
     dx = dh
@@ -220,6 +244,8 @@ def _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx,
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if STORE_DRESIDUAL:
         dr = dh
+        if PARAMS_PER_ROW:
+            s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
         if SCALE_KIND != 0:
             dr = dh * s
         tl.store(DR + row * stride_dr + cols, dr.to(DR.dtype.element_ty), mask=mask)
@@ -252,6 +278,12 @@ def _backward_kernel(
     # not live in registers across them.
     LOAD_R: tl.constexpr = HAS_RESIDUAL and RECOMPUTE_H
     LATE_R: tl.constexpr = LEARNED_SCALE and not RECOMPUTE_H
+    # One-pass rows of PARAMS_PER_ROW_BLOCK_N columns or more with a learned scale: 16 warps, at most
+    # 128 registers per thread, 16 columns per thread. Three float32 column accumulators take 48 of
+    # them; weight and scale held across rows would take 32 more and leave too few for the current
+    # row, so they are re-read per row where used (from L1/L2: (N,) values, the same for every row;
+    # the (M, N) inputs are still read once). See heuristics.py.
+    PARAMS_PER_ROW: tl.constexpr = NUM_CHUNKS == 1 and LEARNED_SCALE and BLOCK_N >= _PARAMS_PER_ROW_BLOCK_N
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     else:
@@ -259,38 +291,46 @@ def _backward_kernel(
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_N)
         mask = cols < N
-        s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
+        s = scale
         w = 1.0
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
+        if not PARAMS_PER_ROW:  # else loaded in the row loop, where used
+            s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
         dweight = tl.zeros((BLOCK_N,), COMPUTE)
         dbias = tl.zeros((BLOCK_N,), COMPUTE)
         dscale = tl.zeros((BLOCK_N,), COMPUTE)
         for row32 in range(row_start, row_end):
             row = tl.cast(row32, tl.int64)  # 64-bit offsets: row * stride may exceed 2^31
             dy, xhat, g, r, keep, rstd = _backward_row(
-                DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w, s, seed,
-                keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R, SCALE_KIND,
-                HAS_DROPOUT, HAS_WEIGHT)
+                DY, X, R, H, W, S, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w, s,
+                scale, seed, keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R,
+                SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT, PARAMS_PER_ROW)
             # Column sums that need no row statistic first: dy is dead before the reductions,
             # which keeps the register set small enough for 8192-wide rows.
             if HAS_WEIGHT:
                 dweight += dy * xhat
             if HAS_BIAS:
                 dbias += dy
-            c2 = divide(tl.sum(g * xhat, axis=0), N, COMPUTE)
             if IS_RMS:
+                c2 = divide(tl.sum(g * xhat, axis=0), N, COMPUTE)
                 dh = rstd * (g - xhat * c2)
             else:
-                c1 = divide(tl.sum(g, axis=0), N, COMPUTE)
+                # Both row sums in one reduction: g and xhat are live across one round of
+                # shuffles and shared memory, not two.
+                sum_g, sum_gx = tl.reduce((g, g * xhat), 0, sum_pair)
+                c1 = divide(sum_g, N, COMPUTE)
+                c2 = divide(sum_gx, N, COMPUTE)
                 dh = rstd * (g - c1 - xhat * c2)
-            dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr,
+            dh = _backward_outputs(DX, DR, DH_IN, S, dh, keep, s, scale, row, cols, mask, N, stride_dx, stride_dr,
                                    stride_dh_in, seed, keep_threshold, drop_scale, COMPUTE, HAS_DH_IN,
-                                   SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL)
+                                   SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL, PARAMS_PER_ROW)
             if LATE_R:
                 r = load_row(R, row, stride_r, cols, mask, COMPUTE)
             if LEARNED_SCALE:
-                dscale += dh * r
+                # The residual stayed 16-bit across the reductions (half the registers); its float32
+                # copy from the h rebuild is not reused (see late_upcast).
+                dscale += dh * late_upcast(r, COMPUTE)
         if HAS_WEIGHT:
             tl.store(DW_PARTIAL + partial_row + cols, dweight, mask=mask)
         if HAS_BIAS:
@@ -311,9 +351,9 @@ def _backward_kernel(
                 if HAS_WEIGHT:
                     w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE)
                 dy, xhat, g, r, keep, rstd = _backward_row(
-                    DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w, s,
-                    seed, keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R,
-                    SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
+                    DY, X, R, H, W, S, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w,
+                    s, scale, seed, keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R,
+                    SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT, False)
                 sum_g += tl.sum(g, axis=0)
                 sum_gx += tl.sum(g * xhat, axis=0)
             tl.store(ROW_COEF + 2 * row, divide(sum_g, N, COMPUTE))
@@ -333,18 +373,18 @@ def _backward_kernel(
             for row32 in range(row_start, row_end):
                 row = tl.cast(row32, tl.int64)  # 64-bit offsets: row * stride may exceed 2^31
                 dy, xhat, g, r, keep, rstd = _backward_row(
-                    DY, X, R, H, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w, s,
-                    seed, keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R,
-                    SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
+                    DY, X, R, H, W, S, MEAN, RSTD, row, cols, mask, N, stride_dy, stride_x, stride_r, stride_h, w,
+                    s, scale, seed, keep_threshold, drop_scale, COMPUTE, IS_RMS, RECOMPUTE_H, HAS_RESIDUAL, LOAD_R,
+                    SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT, False)
                 c1 = tl.load(ROW_COEF + 2 * row)
                 c2 = tl.load(ROW_COEF + 2 * row + 1)
                 if IS_RMS:
                     dh = rstd * (g - xhat * c2)
                 else:
                     dh = rstd * (g - c1 - xhat * c2)
-                dh = _backward_outputs(DX, DR, DH_IN, dh, keep, s, row, cols, mask, N, stride_dx, stride_dr,
-                                       stride_dh_in, seed, keep_threshold, drop_scale, COMPUTE, HAS_DH_IN,
-                                       SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL)
+                dh = _backward_outputs(DX, DR, DH_IN, S, dh, keep, s, scale, row, cols, mask, N, stride_dx,
+                                       stride_dr, stride_dh_in, seed, keep_threshold, drop_scale, COMPUTE, HAS_DH_IN,
+                                       SCALE_KIND, HAS_DROPOUT, RECOMPUTE_H, STORE_DRESIDUAL, False)
                 if HAS_WEIGHT:
                     dweight += dy * xhat
                 if HAS_BIAS:
@@ -352,7 +392,7 @@ def _backward_kernel(
                 if LATE_R:
                     r = load_row(R, row, stride_r, cols, mask, COMPUTE)
                 if LEARNED_SCALE:
-                    dscale += dh * r
+                    dscale += dh * r.to(COMPUTE)
             if HAS_WEIGHT:
                 tl.store(DW_PARTIAL + partial_row + cols, dweight, mask=mask)
             if HAS_BIAS:
