@@ -23,7 +23,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
   using C = typename V::C;
   constexpr int G = V::kGroup;
   constexpr int kGroups = V::kBwdGroups;
-  __shared__ C scratch[32 * 2];
+  FUSEDNORM_SHARED C scratch[32 * 2];
 
   const int cols = static_cast<int>(p.cols);  // < 2^31 (checked on the host)
   const int tpr = blockDim.x;
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
 // (rows, cols), so the result is bit-identical run to run.
 template <typename C, typename Out>
 __global__ void column_sum_kernel(const C* partial, int64_t rows, int64_t cols, Out* out) {
-  __shared__ C strands[8][33];
+  FUSEDNORM_SHARED C strands[8][33];
   const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
   C acc = C(0);
   if (col < cols) {
@@ -253,6 +253,7 @@ __global__ void column_sum_kernel(const C* partial, int64_t rows, int64_t cols, 
   }
 }
 
+#ifdef __CUDACC__  // the launchers (the CPU emulation launches the kernels itself)
 template <typename C, typename Out>
 cudaError_t launch_column_sum(const C* partial, int64_t rows, int64_t cols, Out* out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((cols + 31) / 32)), block(32, 8);
@@ -300,5 +301,7 @@ cudaError_t launch_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
     });
   });
 }
+
+#endif  // __CUDACC__
 
 }  // namespace fusednorm

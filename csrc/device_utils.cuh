@@ -13,6 +13,15 @@
 
 namespace fusednorm {
 
+// Block-shared arrays. __shared__ on the device; `static` when the kernels are compiled as host
+// C++ by the CPU emulation of tests/test_cuda_emulated.py (one block at a time, its threads as
+// std::threads), where a function-local static is exactly "one array per running block".
+#ifdef __CUDACC__
+#define FUSEDNORM_SHARED __shared__
+#else
+#define FUSEDNORM_SHARED static
+#endif
+
 // Statistics and arithmetic in float32 for 16/32-bit x, float64 for float64 x (exact gradcheck).
 template <typename T> struct ComputeOf { using type = float; };
 template <> struct ComputeOf<double> { using type = double; };

@@ -21,7 +21,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
   using C = typename V::C;
   constexpr int G = V::kGroup;
   constexpr int kGroups = V::kFwdGroups;
-  __shared__ C scratch[32];
+  FUSEDNORM_SHARED C scratch[32];
 
   const int cols = static_cast<int>(p.cols);  // < 2^31 (checked on the host)
   const int tpr = blockDim.x;
@@ -133,6 +133,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
   }
 }
 
+#ifdef __CUDACC__  // the launchers (the CPU emulation launches the kernels itself)
 // Runtime -> template dispatch of the static flags (IS_RMS, HAS_RESIDUAL, HAS_DROPOUT): 4 x dtype
 // * 8 forward kernels. SCALE_KIND, STORE_H, HAS_WEIGHT, HAS_BIAS and the residual/h/parameter dtypes
 // stay kRuntime: each costs one uniform branch per 128-bit group in a memory-bound loop, while making
@@ -161,5 +162,7 @@ cudaError_t launch_fwd(FwdParams& p, cudaStream_t stream) {
     });
   });
 }
+
+#endif  // __CUDACC__
 
 }  // namespace fusednorm
