@@ -289,6 +289,7 @@ def _cases():
         yield Case(op, (3, 300), torch.bfloat16, None, "vector", True, False, dropout_p=0.25)
     # Many rows: several row groups per block, blocks looping over rows, several partial rows.
     yield Case("add_layer_norm", (300, 64), torch.float16, None, "scalar", False, False)
+    yield Case("add_rms_norm", (700, 40), torch.float32, None, "vector", True, True)  # > 128 blocks of rows
 
 
 CASES = list(_cases())
