@@ -31,6 +31,34 @@ def _failures(results) -> list[str]:
             for r in results if not r.ok]
 
 
+def check_case_conditioned(case: Case, backend: str, seed: int = 0, extra_atol: float = 0.0):
+    """fusednorm.testing.check_case (same inputs, same seeds), except for one output: the gradient of a
+    0-d residual scale, ds = sum over all M * N elements of dh * residual. That sum cancels (|ds| is
+    ~1e-3 of sum |dh * residual|), so its error is a random walk of the per-element dh errors, ours and
+    torch's alike, and the 2x ratio of two such walks fails 3-13 % of seeds on the torch backend in
+    float32 (measured at 5 x 1000 and 5 x 64) although our dh is as accurate as torch's. For that output
+    the bound gets the standard dot-product term 4 u sum |dh * residual| (u: float32's unit roundoff,
+    float64's for float64 inputs). Every other output keeps the section-6 bound unchanged."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = make_inputs(case, "cpu", gen)
+    torch.manual_seed(seed)
+    mask = peek_dropout_mask("cpu", math.prod(case.shape[:-1]), case.shape[-1], case.dropout_p) \
+        if case.dropout_p > 0 else None
+    fused = run_fused(case, inputs, backend)
+    ref = _composed(case, inputs, mask, torch.float64)
+    own = _composed(case, inputs, mask, None)
+    results = []
+    for k in ref:
+        extra = extra_atol
+        if k == "dresidual_scale" and case.residual_kind == "scalar":
+            u = torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps / 2
+            s = float(inputs["residual_scale"])
+            terms = (ref["dresidual"].double() * inputs["residual"].double()).abs().sum() / abs(s)
+            extra += 4 * u * float(terms) / max(1.0, float(ref[k].abs()))  # compare() scales atol by that
+        results.append(compare(case, k, fused.get(k), ref[k], own[k], extra))
+    return results
+
+
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     """A fresh leaf with t's values (contiguous copy when t is not dense)."""
     return t.detach().clone().requires_grad_(True)
@@ -95,7 +123,7 @@ def test_edge_widths_match_reference(backend, n):
     failures = []
     for i, case in enumerate(_edge_cases(n)):
         extra = 8 * ATOL[case.dtype] if n <= 3 else 0.0
-        failures += _failures(check_case(case, backend, seed=100 * n + i, extra_atol=extra))
+        failures += _failures(check_case_conditioned(case, backend, seed=100 * n + i, extra_atol=extra))
     assert not failures, failures
 
 
@@ -154,7 +182,7 @@ def test_triton_chunked_path_matches_reference(monkeypatch, n):
              Case("add_layer_norm", (4, n), torch.float64, None, "float")]
     failures = []
     for i, case in enumerate(cases):
-        failures += _failures(check_case(case, "triton", seed=n + i))
+        failures += _failures(check_case_conditioned(case, "triton", seed=n + i))
     assert not failures, failures
 
 
