@@ -254,3 +254,18 @@ def test_strided_rows_and_nan_rows():
     expected = fusednorm.layer_norm(x.contiguous(), weight, None, backend="torch")
     assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all()
     torch.testing.assert_close(y, expected, equal_nan=True)
+
+
+PARAMS_PER_ROW = [Case(op, (4, 37), dtype, None, kind, prenorm, False, dropout_p=p)
+                  for op in ADD_OPS for kind in ("scalar", "vector") for dtype in (torch.float32, torch.bfloat16)
+                  for prenorm, p in ((False, 0.0), (True, 0.25))]
+
+
+@pytest.mark.parametrize("case", PARAMS_PER_ROW, ids=[c.name() for c in PARAMS_PER_ROW])
+def test_triton_params_reloaded_per_row_match_reference(case, monkeypatch):
+    """The register-saving path of wide learned-scale backwards (weight and scale re-read per row,
+    normally from 8192 columns on) forced on at N = 37, so that CI runs it."""
+    from fusednorm.triton import kernels
+
+    monkeypatch.setattr(kernels, "_PARAMS_PER_ROW_BLOCK_N", tl.constexpr(16))
+    _assert_section6(case, seed=PARAMS_PER_ROW.index(case))
