@@ -133,7 +133,8 @@ def peek_dropout_mask(device, rows: int, cols: int, p: float) -> torch.Tensor:
     return dropout_keep_mask(seed, rows, cols, p)
 
 
-def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.dtype | None):
+def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.dtype | None,
+              magnitudes: dict | None = None):
     """Outputs and gradients by autograd of the plain formulas.
 
     dtype=torch.float64: the oracle, written out formula by formula.
@@ -175,13 +176,29 @@ def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.
     if case.prenorm:
         loss = loss + (h.double() * inputs["dh"].double()).sum()
     names = list(leaves)
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    *grads, dh = torch.autograd.grad(loss, [leaves[k] for k in names] + [h], allow_unused=True)
     out = {"y": y.detach()}
     if case.prenorm:
         out["h"] = h.detach()
+    if magnitudes is not None and dtype is not None:
+        magnitudes.update(_sum_magnitudes(case, inputs, xhat.detach(), dh, leaves))
     for k, g in zip(names, grads, strict=True):
         out["d" + k] = g if g is not None else torch.zeros_like(leaves[k])
     return out
+
+
+def _sum_magnitudes(case: Case, inputs: dict, xhat, dh, leaves) -> dict:
+    """For the gradients that are sums over rows, the sum of the absolute values of the summed terms.
+
+    A float32 sum of M terms is accurate relative to that magnitude, not to its (possibly cancelled)
+    result: the atol of those outputs scales with it (a 0-d residual_scale's gradient sums M * N terms).
+    """
+    dy = inputs["dy"].double().abs().reshape(-1, case.shape[-1])
+    magnitude = {"dweight": (dy * xhat.abs().reshape(dy.shape)).sum(0), "dbias": dy.sum(0)}
+    if case.residual_kind in ("scalar", "vector"):
+        terms = (dh.abs() * leaves["residual"].detach().abs()).reshape(dy.shape).sum(0)
+        magnitude["dresidual_scale"] = terms if case.residual_kind == "vector" else terms.sum()
+    return magnitude
 
 
 def run_fused(case: Case, inputs: dict, backend: str | None):
@@ -217,10 +234,17 @@ def run_fused(case: Case, inputs: dict, backend: str | None):
 
 
 def compare(case: Case, output: str, fused: torch.Tensor | None, reference: torch.Tensor,
-            torch_own: torch.Tensor, extra_atol: float = 0.0) -> Comparison:
-    """The section-6 comparison of one output; a missing fused gradient fails."""
+            torch_own: torch.Tensor, extra_atol: float = 0.0, magnitude: torch.Tensor | None = None) -> Comparison:
+    """The section-6 comparison of one output; a missing fused gradient fails.
+
+    The atol is relative to max(1, max|reference|), or for sums over rows to the sum of the absolute
+    values of their terms (``magnitude``), whichever is larger.
+    """
     ref = reference.double()
-    scale = max(1.0, float(ref[torch.isfinite(ref)].abs().max()) if ref.numel() and torch.isfinite(ref).any() else 1.0)
+    finite_ref = ref[torch.isfinite(ref)]
+    scale = max(1.0, float(finite_ref.abs().max()) if finite_ref.numel() else 1.0)
+    if magnitude is not None and magnitude.numel() and torch.isfinite(magnitude).any():
+        scale = max(scale, float(magnitude[torch.isfinite(magnitude)].max()))
     atol = ATOL[case.dtype] * scale + extra_atol * scale
     if fused is None or fused.shape != reference.shape:
         return Comparison(case, output, math.inf, 0.0, atol, False)
@@ -251,9 +275,10 @@ def check_case(case: Case, backend: str | None, device="cpu", seed: int = 0,
     if case.dropout_p > 0:
         mask = peek_dropout_mask(device, rows, case.shape[-1], case.dropout_p)
     fused = run_fused(case, inputs, backend)
-    reference = _composed(case, inputs, mask, torch.float64)
+    magnitude: dict = {}
+    reference = _composed(case, inputs, mask, torch.float64, magnitude)
     own = _composed(case, inputs, mask, None)
-    return [compare(case, k, fused.get(k), reference[k], own[k], extra_atol) for k in reference]
+    return [compare(case, k, fused.get(k), reference[k], own[k], extra_atol, magnitude.get(k)) for k in reference]
 
 
 def standard_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), widths=(1, 7, 256, 1000),

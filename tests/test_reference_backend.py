@@ -6,6 +6,7 @@ each checked on y, h and every gradient (residual_scale's included).
 """
 
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ CASES = list(_cases())
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name() for c in CASES])
 def test_torch_backend_matches_float64_reference(case):
-    results = check_case(case, "torch", seed=hash(case.name()) % 1000)
+    results = check_case(case, "torch", seed=zlib.crc32(case.name().encode()))
     failures = [f"{r.output}: err {r.error:.3g} > bound {r.bound:.3g} (torch {r.torch_error:.3g})"
                 f"{'' if r.nonfinite_match else ' NaN/Inf mismatch'}" for r in results if not r.ok]
     assert not failures, failures
