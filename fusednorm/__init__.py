@@ -3,7 +3,7 @@
 See README.md for usage and DESIGN.md for the math and the contract.
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.fusednorm.*)
+from . import models, ops  # noqa: F401  (ops registers torch.ops.fusednorm.*; models: reference encoders)
 from .admin import admin_init, deepnorm_constants, deepnorm_init_
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .functional import (
