@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.common import compute_dtype, dresidual_is_dx
+from .backends.common import dresidual_is_dx, empty_backward_results, empty_forward_results
 
 
 @torch.library.custom_op("fusednorm::fwd", mutates_args=())
@@ -47,13 +47,7 @@ def fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor 
 @fwd.register_fake
 def _fwd_fake(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, seed, is_rms,
               store_h, h_dtype, backend):
-    rows = x.shape[0]
-    stats = compute_dtype(x.dtype)
-    y = x.new_empty(x.shape)
-    h = x.new_empty(x.shape if store_h else (0,), dtype=h_dtype)
-    mean = x.new_empty((0,) if is_rms else (rows,), dtype=stats)
-    rstd = x.new_empty((rows,), dtype=stats)
-    return y, h, mean, rstd
+    return empty_forward_results(x, is_rms, store_h, h_dtype)
 
 
 @torch.library.custom_op("fusednorm::bwd", mutates_args=())
@@ -70,13 +64,6 @@ def bwd(dy: Tensor, dh_in: Tensor | None, x: Tensor | None, residual: Tensor | N
 @bwd.register_fake
 def _bwd_fake(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd,
               dropout_p, seed, is_rms, x_dtype, residual_dtype, backend):
-    def param_grad(p):
-        return dy.new_empty(p.shape, dtype=p.dtype) if p is not None else dy.new_empty((0,))
-
-    dx = dy.new_empty(dy.shape, dtype=x_dtype)
-    if residual_dtype is None or dresidual_is_dx(residual_scale, scale_value, dropout_p, x_dtype, residual_dtype):
-        dresidual = dy.new_empty((0,))
-    else:
-        dresidual = dy.new_empty(dy.shape, dtype=residual_dtype)
-    dbias = dy.new_empty((0,)) if bias_dtype is None else dy.new_empty(dy.shape[1:], dtype=bias_dtype)
-    return dx, dresidual, param_grad(weight), dbias, param_grad(residual_scale)
+    store_dresidual = residual_dtype is not None and not dresidual_is_dx(
+        residual_scale, scale_value, dropout_p, x_dtype, residual_dtype)
+    return empty_backward_results(dy, weight, bias_dtype, residual_scale, x_dtype, store_dresidual, residual_dtype)

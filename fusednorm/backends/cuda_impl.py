@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ..dropout import keep_threshold
-from .common import compute_dtype, dresidual_is_dx
+from .common import dresidual_is_dx, empty_backward_results, empty_forward_results
 
 _loaded: bool | None = None  # None: not tried yet
 _load_error: str | None = None
@@ -128,21 +128,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fusednorm::cuda_fwd")
     def _cuda_fwd_fake(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, threshold, seed,
                        is_rms, store_h, h_dtype):
-        rows = x.shape[0]
-        stats = compute_dtype(x.dtype)
-        y = x.new_empty(x.shape)
-        h = x.new_empty(x.shape if store_h else (0,), dtype=h_dtype)
-        mean = x.new_empty((0,) if is_rms else (rows,), dtype=stats)
-        rstd = x.new_empty((rows,), dtype=stats)
-        return y, h, mean, rstd
+        return empty_forward_results(x, is_rms, store_h, h_dtype)
 
     @torch.library.register_fake("fusednorm::cuda_bwd")
     def _cuda_bwd_fake(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd,
                        dropout_p, threshold, seed, is_rms, x_dtype, residual_dtype, store_dresidual):
-        def grad_like(p):
-            return dy.new_empty(p.shape, dtype=p.dtype) if p is not None else dy.new_empty((0,))
-
-        dx = dy.new_empty(dy.shape, dtype=x_dtype)
-        dresidual = dy.new_empty(dy.shape, dtype=residual_dtype) if store_dresidual else dy.new_empty((0,))
-        dbias = dy.new_empty(dy.shape[1:], dtype=bias_dtype) if bias_dtype is not None else dy.new_empty((0,))
-        return dx, dresidual, grad_like(weight), dbias, grad_like(residual_scale)
+        return empty_backward_results(dy, weight, bias_dtype, residual_scale, x_dtype, store_dresidual,
+                                      residual_dtype)
