@@ -30,9 +30,6 @@ def _triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Under torch.compile the answer is a constant of the graph: Dynamo calls this at trace time instead of
-# tracing it (the cuda backend's first check imports its extension, which Dynamo refuses to trace).
-@torch.compiler.assume_constant_result
 def _why_unavailable(name: str, device: torch.device | None) -> str | None:
     """None if ``name`` can run on tensors of ``device`` here, else the reason, in words."""
     if name == "torch":
@@ -58,6 +55,14 @@ def _why_unavailable(name: str, device: torch.device | None) -> str | None:
             return f"cuda backend needs CUDA tensors (got {device.type} tensors)"
         return None
     raise AssertionError(name)
+
+
+# Under torch.compile the answer is a constant of the graph: Dynamo calls this at trace time instead of
+# tracing it (the cuda backend's first check imports its extension, which Dynamo refuses to trace).
+# This is exactly what torch.compiler.assume_constant_result does, without importing torch._dynamo
+# at `import fusednorm`: Dynamo imports triton, and triton must be imported after TRITON_INTERPRET is
+# set (fusednorm.check and the tests set it when there is no GPU).
+_why_unavailable._dynamo_marked_constant = True
 
 
 def _check_name(name: object, argument: str) -> str:
