@@ -21,6 +21,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+import fusednorm  # the public API under test (fusednorm itself never imports this module)
+
 from .dropout import draw_seed, dropout_keep_mask
 
 OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
@@ -298,3 +300,53 @@ def standard_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), widths
                                 yield Case(op, shape, dtype, pdt, kind, prenorm, res32)
                         yield Case(op, shape, dtype, pdt, "vector", False, False, dropout_p=0.25)
                         yield Case(op, shape, dtype, pdt, "plain", True, False, dropout_p=0.25)
+
+
+# float64 gradcheck cases shared by every backend's tests: each residual-scale kind, prenorm (so a
+# gradient flows into h too) and dropout (the seed is re-drawn identically at every evaluation).
+GRADCHECK_CASES = (
+    ("layer_norm", {}),
+    ("rms_norm", {}),
+    ("add_layer_norm", {"residual_scale": None}),
+    ("add_layer_norm", {"residual_scale": "vector", "prenorm": True, "dropout_p": 0.25}),
+    ("add_layer_norm", {"residual_scale": "scalar"}),
+    ("add_layer_norm", {"residual_scale": 0.6, "dropout_p": 0.25}),
+    ("add_rms_norm", {"residual_scale": "vector"}),
+    ("add_rms_norm", {"residual_scale": "scalar", "prenorm": True, "dropout_p": 0.25}),
+    ("add_rms_norm", {"residual_scale": None, "prenorm": True, "residual_in_fp32": True}),
+)
+
+
+def gradcheck_op(op: str, options: dict, backend: str, shape: tuple[int, ...] = (3, 6), device="cpu",
+                 fast_mode: bool = False) -> bool:
+    """torch.autograd.gradcheck of a public function in float64, every tensor argument a leaf.
+
+    options: the keyword options of the add_* functions, with residual_scale = None | float |
+    "scalar" (a learned 0-d tensor) | "vector" (a learned (N,) tensor). fast_mode=True checks random
+    projections instead of one finite difference per element (for slow backends: the interpreter).
+    Inputs get a +1 offset so that the row mean is not ~0.
+    """
+    gen = torch.Generator().manual_seed(1)
+    n = shape[-1]
+
+    def leaf(*s):
+        return (torch.randn(s, generator=gen, dtype=torch.float64) + 1.0).to(device).requires_grad_(True)
+
+    x, residual, weight, bias = leaf(*shape), leaf(*shape), leaf(n), leaf(n)
+    kind = options.get("residual_scale")
+    scale = leaf(n) if kind == "vector" else leaf() if kind == "scalar" else None
+    opts = {k: v for k, v in options.items() if k != "residual_scale"}
+
+    def fn(x, residual, weight, bias, scale):
+        torch.manual_seed(0)  # the same dropout mask at every evaluation
+        if op == "layer_norm":
+            return fusednorm.layer_norm(x, weight, bias, backend=backend)
+        if op == "rms_norm":
+            return fusednorm.rms_norm(x, weight, backend=backend)
+        s = scale if scale is not None else kind
+        if op == "add_layer_norm":
+            return fusednorm.add_layer_norm(x, residual, weight, bias, residual_scale=s, backend=backend, **opts)
+        return fusednorm.add_rms_norm(x, residual, weight, residual_scale=s, backend=backend, **opts)
+
+    return torch.autograd.gradcheck(fn, (x, residual, weight, bias, scale), eps=1e-6, atol=1e-7, rtol=1e-5,
+                                    nondet_tol=0.0, fast_mode=fast_mode)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fusednorm
-from fusednorm.testing import RESIDUAL_KINDS, Case, check_case
+from fusednorm.testing import GRADCHECK_CASES, RESIDUAL_KINDS, Case, check_case, gradcheck_op
 
 pytestmark = [
     pytest.mark.gpu,
@@ -112,46 +112,10 @@ def test_cuda_agrees_with_torch_backend_in_float32():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-GRADCHECK = [
-    ("layer_norm", dict()),
-    ("rms_norm", dict()),
-    ("add_layer_norm", dict(residual_scale="vector", prenorm=True, dropout_p=0.25)),
-    ("add_layer_norm", dict(residual_scale="scalar")),
-    ("add_layer_norm", dict(residual_scale=0.6, dropout_p=0.25)),
-    ("add_rms_norm", dict(residual_scale="vector")),
-    ("add_rms_norm", dict(residual_scale="scalar", prenorm=True)),
-    ("add_rms_norm", dict(residual_scale=None, prenorm=True, dropout_p=0.25)),
-]
-
-
 @pytest.mark.parametrize("shape", [(3, 5), (3, 4100)], ids=["registers", "chunked"])
-@pytest.mark.parametrize("op,options", GRADCHECK, ids=[f"{op}-{o}" for op, o in GRADCHECK])
+@pytest.mark.parametrize("op,options", GRADCHECK_CASES, ids=[f"{op}-{o}" for op, o in GRADCHECK_CASES])
 def test_cuda_gradcheck_float64(op, options, shape):
-    gen = torch.Generator().manual_seed(3)
-    n = shape[-1]
-    options = dict(options)
-
-    def leaf(*s):
-        return (torch.randn(s, generator=gen, dtype=torch.float64) + 1.0).to(DEVICE).requires_grad_(True)
-
-    x, residual, weight, bias = leaf(*shape), leaf(*shape), leaf(n), leaf(n)
-    kind = options.pop("residual_scale", None)
-    scale = leaf(n) if kind == "vector" else leaf() if kind == "scalar" else kind
-
-    def fn(x, residual, weight, bias, scale_tensor):
-        torch.manual_seed(0)
-        s = scale_tensor if isinstance(scale, torch.Tensor) else scale
-        if op == "layer_norm":
-            return fusednorm.layer_norm(x, weight, bias, backend="cuda")
-        if op == "rms_norm":
-            return fusednorm.rms_norm(x, weight, backend="cuda")
-        if op == "add_layer_norm":
-            return fusednorm.add_layer_norm(x, residual, weight, bias, residual_scale=s, backend="cuda", **options)
-        return fusednorm.add_rms_norm(x, residual, weight, residual_scale=s, backend="cuda", **options)
-
-    scale_arg = scale if isinstance(scale, torch.Tensor) else leaf(1).detach()
-    assert torch.autograd.gradcheck(fn, (x, residual, weight, bias, scale_arg), eps=1e-6, atol=1e-7,
-                                    nondet_tol=0.0, fast_mode=True)
+    assert gradcheck_op(op, options, "cuda", shape=shape, device=DEVICE, fast_mode=True)
 
 
 def test_cuda_dropout_mask_is_the_dropout_module_mask():

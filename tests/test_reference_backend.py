@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fusednorm
-from fusednorm.testing import RESIDUAL_KINDS, Case, check_case
+from fusednorm.testing import GRADCHECK_CASES, RESIDUAL_KINDS, Case, check_case, gradcheck_op
 
 DTYPES = [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
           (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
@@ -46,47 +46,7 @@ def test_torch_backend_matches_float64_reference(case):
     assert expected <= {r.output for r in results}
 
 
-GRADCHECK = [
-    ("layer_norm", dict()),
-    ("rms_norm", dict()),
-    ("add_layer_norm", dict(residual_scale=None)),
-    ("add_layer_norm", dict(residual_scale="vector", prenorm=True)),
-    ("add_layer_norm", dict(residual_scale="scalar")),
-    ("add_layer_norm", dict(residual_scale=0.6, dropout_p=0.25)),
-    ("add_rms_norm", dict(residual_scale="vector")),
-    ("add_rms_norm", dict(residual_scale="scalar", prenorm=True, dropout_p=0.25)),
-    ("add_rms_norm", dict(residual_scale=None, prenorm=True, residual_in_fp32=True)),
-]
-
-
-def gradcheck_op(op: str, options: dict, backend: str, shape=(3, 6)) -> bool:
-    """torch.autograd.gradcheck of a public function in float64, every tensor argument a leaf."""
-    gen = torch.Generator().manual_seed(1)
-    n = shape[-1]
-
-    def leaf(*s):
-        return torch.randn(*s, generator=gen, dtype=torch.float64).requires_grad_(True)
-
-    x, residual, weight, bias = leaf(*shape), leaf(*shape), leaf(n), leaf(n)
-    kind = options.get("residual_scale")
-    scale = leaf(n) if kind == "vector" else leaf(()) if kind == "scalar" else None
-    opts = {k: v for k, v in options.items() if k != "residual_scale"}
-
-    def fn(x, residual, weight, bias, scale):
-        torch.manual_seed(0)  # the same dropout mask at every evaluation
-        if op == "layer_norm":
-            return fusednorm.layer_norm(x, weight, bias, backend=backend)
-        if op == "rms_norm":
-            return fusednorm.rms_norm(x, weight, backend=backend)
-        s = scale if scale is not None else kind
-        if op == "add_layer_norm":
-            return fusednorm.add_layer_norm(x, residual, weight, bias, residual_scale=s, backend=backend, **opts)
-        return fusednorm.add_rms_norm(x, residual, weight, residual_scale=s, backend=backend, **opts)
-
-    return torch.autograd.gradcheck(fn, (x, residual, weight, bias, scale), atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("op,options", GRADCHECK, ids=[f"{o}-{v}" for o, v in GRADCHECK])
+@pytest.mark.parametrize("op,options", GRADCHECK_CASES, ids=[f"{o}-{v}" for o, v in GRADCHECK_CASES])
 def test_gradcheck_float64(op, options):
     assert gradcheck_op(op, options, "torch")
 

@@ -28,7 +28,7 @@ import torch
 
 import fusednorm
 from fusednorm.dropout import dropout_keep_mask, philox_r0
-from fusednorm.testing import RESIDUAL_KINDS, Case, check_case
+from fusednorm.testing import GRADCHECK_CASES, RESIDUAL_KINDS, Case, check_case, gradcheck_op
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
@@ -109,50 +109,11 @@ def test_triton_wide_row_beyond_the_block_cap():
     _assert_section6(Case("add_layer_norm", (2, n), torch.float32, None, "vector", True, False))
 
 
-def _gradcheck(op: str, options: dict, shape=(3, 5)) -> bool:
-    gen = torch.Generator().manual_seed(3)
-    n = shape[-1]
-
-    def leaf(*s):
-        return (torch.randn(s, generator=gen, dtype=torch.float64) + 1.0).to(DEVICE).requires_grad_(True)
-
-    x, residual, weight, bias = leaf(*shape), leaf(*shape), leaf(n), leaf(n)
-    kind = options.pop("residual_scale", None)
-    scale = leaf(n) if kind == "vector" else leaf() if kind == "scalar" else kind
-
-    def fn(x, residual, weight, bias, scale_tensor):
-        torch.manual_seed(0)  # the same dropout mask at every evaluation
-        s = scale_tensor if isinstance(scale, torch.Tensor) else scale
-        if op == "layer_norm":
-            return fusednorm.layer_norm(x, weight, bias, backend="triton")
-        if op == "rms_norm":
-            return fusednorm.rms_norm(x, weight, backend="triton")
-        if op == "add_layer_norm":
-            return fusednorm.add_layer_norm(x, residual, weight, bias, residual_scale=s, backend="triton", **options)
-        return fusednorm.add_rms_norm(x, residual, weight, residual_scale=s, backend="triton", **options)
-
-    scale_arg = scale if isinstance(scale, torch.Tensor) else leaf(1).detach()
+@pytest.mark.parametrize("op,options", GRADCHECK_CASES, ids=[f"{op}-{o}" for op, o in GRADCHECK_CASES])
+def test_triton_gradcheck_float64(op, options):
     # fast_mode: random projections instead of one finite difference per input element, which
     # costs hundreds of interpreted launches.
-    return torch.autograd.gradcheck(fn, (x, residual, weight, bias, scale_arg), eps=1e-6, atol=1e-7,
-                                    nondet_tol=0.0, fast_mode=True)
-
-
-GRADCHECK = [
-    ("layer_norm", dict()),
-    ("rms_norm", dict()),
-    ("add_layer_norm", dict(residual_scale="vector", prenorm=True, dropout_p=0.25)),
-    ("add_layer_norm", dict(residual_scale="scalar")),
-    ("add_layer_norm", dict(residual_scale=0.6, dropout_p=0.25)),
-    ("add_rms_norm", dict(residual_scale="vector")),
-    ("add_rms_norm", dict(residual_scale="scalar", prenorm=True)),
-    ("add_rms_norm", dict(residual_scale=None, prenorm=True, dropout_p=0.25)),
-]
-
-
-@pytest.mark.parametrize("op,options", GRADCHECK, ids=[f"{op}-{o}" for op, o in GRADCHECK])
-def test_triton_gradcheck_float64(op, options):
-    assert _gradcheck(op, dict(options))
+    assert gradcheck_op(op, options, "triton", shape=(3, 5), device=DEVICE, fast_mode=True)
 
 
 @pytest.mark.parametrize("op,options", [("add_layer_norm", dict(residual_scale="vector", prenorm=True)),
@@ -160,7 +121,7 @@ def test_triton_gradcheck_float64(op, options):
                          ids=["add_layer_norm", "add_rms_norm"])
 def test_triton_gradcheck_float64_chunked(op, options, monkeypatch):
     monkeypatch.setattr(heuristics, "MAX_BLOCK_N", 4)
-    assert _gradcheck(op, dict(options), shape=(3, 10))
+    assert gradcheck_op(op, options, "triton", shape=(3, 10), device=DEVICE, fast_mode=True)
 
 
 def _grads(backend: str, seed: int, **options):
