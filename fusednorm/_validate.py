@@ -30,6 +30,12 @@ def _param_dtypes(x: torch.Tensor) -> tuple[torch.dtype, ...]:
     return (x.dtype,) if x.dtype == torch.float32 else (x.dtype, torch.float32)
 
 
+def _expected_dtypes(x: torch.Tensor) -> str:
+    """"x's dtype (float32)" or "x's dtype (bfloat16) or float32", for the error messages."""
+    own = f"x's dtype ({str(x.dtype).removeprefix('torch.')})"
+    return own if x.dtype == torch.float32 else f"{own} or float32"
+
+
 def check_residual(residual: object, x: torch.Tensor) -> None:
     if residual is None:
         return
@@ -40,8 +46,8 @@ def check_residual(residual: object, x: torch.Tensor) -> None:
     if residual.device != x.device:
         raise ValueError(f"residual must be on x's device {x.device}, got {residual.device}")
     if residual.dtype not in _param_dtypes(x):
-        raise TypeError(f"residual must have x's dtype {x.dtype} or float32 (a residual stream kept "
-                        f"in float32), got {residual.dtype}")
+        raise TypeError(f"residual must have {_expected_dtypes(x)} (float32: a residual stream kept in "
+                        f"float32), got {residual.dtype}")
 
 
 def check_param(name: str, p: object, x: torch.Tensor) -> None:
@@ -56,7 +62,7 @@ def check_param(name: str, p: object, x: torch.Tensor) -> None:
     if p.device != x.device:
         raise ValueError(f"{name} must be on x's device {x.device}, got {p.device}")
     if p.dtype not in _param_dtypes(x):
-        raise TypeError(f"{name} must have x's dtype {x.dtype} or float32, got {p.dtype}")
+        raise TypeError(f"{name} must have {_expected_dtypes(x)}, got {p.dtype}")
 
 
 def check_eps(eps: object) -> float:
@@ -94,7 +100,7 @@ def check_residual_scale(scale: object, residual: object, x: torch.Tensor) -> No
         if scale.device != x.device:
             raise ValueError(f"residual_scale must be on x's device {x.device}, got {scale.device}")
         if scale.dtype not in _param_dtypes(x):
-            raise TypeError(f"residual_scale must have x's dtype {x.dtype} or float32, got {scale.dtype}")
+            raise TypeError(f"residual_scale must have {_expected_dtypes(x)}, got {scale.dtype}")
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError("residual_scale must be None, a Python float or a tensor of shape () or (N,), "

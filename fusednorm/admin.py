@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -58,9 +58,8 @@ __all__ = ["AdminRecord", "admin_closed_form", "admin_init", "deepnorm_constants
            "learned_scale_modules"]
 
 
-@dataclass(frozen=True)
-class AdminRecord:
-    """One Add*Norm call seen by :func:`admin_init`.
+class AdminRecord(NamedTuple):
+    """One Add*Norm call seen by :func:`admin_init`; a named tuple ``(name, var_residual, var_branch, omega)``.
 
     name: qualified module name in ``model.named_modules()``; var_residual: Var[residual * omega] (population
     variance of all elements, float); var_branch: Var[f] (the module's ``x`` argument); omega: the value
@@ -71,6 +70,11 @@ class AdminRecord:
     var_residual: float
     var_branch: float
     omega: float
+
+    @property
+    def var_f(self) -> float:
+        """Var[f], DESIGN section 3's name for ``var_branch``."""
+        return self.var_branch
 
 
 def learned_scale_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from . import _validate
 from . import functional as F
 
 _SCALE_KINDS = (None, "scalar", "vector")
@@ -21,6 +22,8 @@ def _flat(p: Tensor | None) -> Tensor | None:
 
 def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
     """View x (..., *normalized_shape) as (..., N) so the kernels see one normalized dimension."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     k = len(normalized_shape)
     if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
         raise ValueError(f"x must end with normalized_shape {tuple(normalized_shape)}, got shape {tuple(x.shape)}")
@@ -37,11 +40,20 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.RMSNorm):
-    """Drop-in for torch.nn.RMSNorm; eps=None uses torch.finfo(x.dtype).eps as torch does."""
+    """Drop-in for torch.nn.RMSNorm (same arguments, parameters and state_dict keys).
+
+    eps=None behaves as torch's: the epsilon of the dtype the statistics are computed in (float32's for
+    16-bit x, which torch upcasts; float64's for float64 x). The output has x's dtype, as torch's does,
+    also when the weight has another dtype (a weight that is neither x's dtype nor float32 is upcast
+    to float32 -- float64 for float64 x -- on the way in; its gradient flows back in its own dtype).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         rows = _normalized_rows(x, self.normalized_shape)
-        y = F.rms_norm(rows, _flat(self.weight), self.eps)
+        weight = _flat(self.weight)
+        if weight is not None and isinstance(x, Tensor) and weight.dtype not in (x.dtype, torch.float32):
+            weight = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        y = F.rms_norm(rows, weight, self.eps)
         return y.view(x.shape)
 
 
@@ -58,11 +70,12 @@ class _AddNorm(nn.Module):
         if len(self.normalized_shape) != 1:
             raise ValueError(f"normalized_shape must be one int N, got {normalized_shape}")
         (n,) = self.normalized_shape
-        self.eps = eps
+        # Checked here, as nn.Dropout does, not at the first training-mode forward.
+        self.eps = eps if eps is None else _validate.check_eps(eps)
         self.elementwise_affine = elementwise_affine
-        self.dropout_p = float(dropout_p)
-        self.prenorm = prenorm
-        self.residual_in_fp32 = residual_in_fp32
+        self.dropout_p = _validate.check_dropout_p(dropout_p)
+        self.prenorm = _validate.check_flag("prenorm", prenorm)
+        self.residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
         factory = dict(device=device, dtype=dtype)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(n, **factory))
@@ -248,22 +261,44 @@ def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
     return None
 
 
+def _is_hf_rmsnorm_candidate(module: nn.Module) -> bool:
+    """A class of Hugging Face's (transformers, or a model's remote code) or one named ``*RMSNorm``.
+
+    Behaviour alone is not enough: a user's own module that happens to compute an RMS norm may do more
+    (clamp, log, ...) outside what the probe sees, and must never be swapped behind the user's back.
+    """
+    cls = type(module)
+    return cls.__module__.split(".")[0] in ("transformers", "transformers_modules") or cls.__name__.endswith("RMSNorm")
+
+
+# Hook registries moved to the drop-in (the very dict objects, so existing RemovableHandles still work).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def _fused_twin(module: nn.Module) -> nn.Module | None:
-    """The fusednorm drop-in for a torch.nn or HF norm, holding the very same Parameter objects."""
-    if isinstance(module, (LayerNorm, RMSNorm, HFRMSNorm)):
-        return None
-    if isinstance(module, nn.LayerNorm):
+    """The fusednorm drop-in for a torch.nn or HF norm, holding the very same Parameter objects.
+
+    Exact classes only: a subclass of nn.LayerNorm / nn.RMSNorm may override forward, so it is left alone.
+    """
+    if type(module) is nn.LayerNorm:
         twin = LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine,
                          bias=module.bias is not None, device="meta")
-    elif isinstance(module, nn.RMSNorm):
+    elif type(module) is nn.RMSNorm:
         twin = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, device="meta")
-    elif (match := _hf_rmsnorm_match(module)) is not None:
+    elif (not isinstance(module, (nn.LayerNorm, nn.RMSNorm, HFRMSNorm)) and _is_hf_rmsnorm_candidate(module)
+          and (match := _hf_rmsnorm_match(module)) is not None):
         twin = HFRMSNorm(module.weight.numel(), match[0], device="meta", out_dtype_rule=match[1])
     else:
         return None
     # Reuse the Parameter objects (an optimizer may already hold them): no copy, same device/dtype.
     for name, param in module._parameters.items():
         twin._parameters[name] = param
+    for name in _HOOK_DICTS:
+        if hasattr(module, name):
+            setattr(twin, name, getattr(module, name))
+    twin._is_full_backward_hook = getattr(module, "_is_full_backward_hook", None)
     twin.train(module.training)
     return twin
 
@@ -271,12 +306,13 @@ def _fused_twin(module: nn.Module) -> nn.Module | None:
 def replace_norms(model: nn.Module) -> nn.Module:
     """Swap every norm of ``model`` for fusednorm's drop-in, in place.
 
-    Swapped: torch.nn.LayerNorm -> fusednorm.LayerNorm, torch.nn.RMSNorm -> fusednorm.RMSNorm, and
-    Hugging Face's LLaMA-family RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm,
-    OLMo-2, ...; recognised by behaviour, see ``_hf_rmsnorm_match``) -> fusednorm.HFRMSNorm.
-    Keeps the Parameter objects, device, dtype, training mode and state_dict keys; a module shared by
-    several parents is replaced by one shared drop-in. Returns ``model`` (replaced itself if it is a
-    norm, in which case use the return value).
+    Swapped: torch.nn.LayerNorm -> fusednorm.LayerNorm, torch.nn.RMSNorm -> fusednorm.RMSNorm (those exact
+    classes: subclasses may override forward and are left alone), and Hugging Face's LLaMA-family RMSNorm
+    classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, T5LayerNorm, OLMo-2, ...: classes of transformers
+    or of a model's remote code, or named ``*RMSNorm``, recognised by behaviour, see ``_hf_rmsnorm_match``)
+    -> fusednorm.HFRMSNorm. Keeps the Parameter objects, device, dtype, training mode, state_dict keys and
+    the hooks registered on the module; a module shared by several parents is replaced by one shared
+    drop-in. Returns ``model`` (replaced itself if it is a norm, in which case use the return value).
     """
     twins: dict[int, nn.Module] = {}
 

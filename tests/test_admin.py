@@ -132,6 +132,8 @@ def test_closed_form():
     model = make_encoder(depth=6)
     records = fusednorm.admin_init(model)
     assert len(records) == 12 and all(math.isnan(r.var_residual) and math.isnan(r.var_branch) for r in records)
+    name, var_residual, var_f, omega = records[0]  # a record is a named tuple: it unpacks and indexes too
+    assert name == records[0].name and omega == records[0][3] == records[0].omega and math.isnan(records[0].var_f)
     for _, m in learned_scale_modules(model):
         torch.testing.assert_close(m.residual_scale.detach(), torch.full((32,), 2.0170092), rtol=1e-6, atol=0)
     fusednorm.admin_init(model, num_residual_layers=36)

@@ -113,7 +113,7 @@ def test_replaced_encoder_trains_with_an_optimizer_built_before():
 
 # ------------------------------------------------------------- HF-style RMSNorm classes, matched by behaviour
 
-class _LlamaStyle(nn.Module):
+class _LlamaStyleRMSNorm(nn.Module):
     """The three output-dtype conventions of HF's RMSNorm classes, written out as HF writes them (so that
     these tests need no transformers): "promote" (LlamaRMSNorm), "input" (Olmo2RMSNorm), "weight"
     (T5LayerNorm)."""
@@ -143,7 +143,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @pytest.mark.parametrize("rule", ["promote", "input", "weight"])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 def test_hf_style_rmsnorm_replaced_with_its_dtype_rule(rule, w_dtype):
-    norm = _LlamaStyle(40, rule).to(w_dtype)
+    norm = _LlamaStyleRMSNorm(40, rule).to(w_dtype)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
     model = nn.Sequential(norm)
@@ -179,6 +179,6 @@ class ExactRMS(nn.Module):
 
 
 def test_replace_norms_leaves_non_norms_and_meta_modules_alone():
-    model = nn.Sequential(nn.Linear(8, 8), _LlamaStyle(8, "promote").to("meta"), nn.Embedding(4, 8))
+    model = nn.Sequential(nn.Linear(8, 8), _LlamaStyleRMSNorm(8, "promote").to("meta"), nn.Embedding(4, 8))
     fusednorm.replace_norms(model)
-    assert [type(m) for m in model] == [nn.Linear, _LlamaStyle, nn.Embedding]
+    assert [type(m) for m in model] == [nn.Linear, _LlamaStyleRMSNorm, nn.Embedding]

@@ -114,3 +114,76 @@ def test_replace_norms_on_a_bare_norm_returns_the_twin():
     ln = nn.LayerNorm(4, dtype=torch.float64)
     twin = fusednorm.replace_norms(ln)
     assert isinstance(twin, fusednorm.LayerNorm) and twin.weight is ln.weight and twin.weight.dtype == torch.float64
+
+
+def test_replace_norms_leaves_subclasses_and_lookalikes_alone():
+    """Only the exact torch.nn classes (and HF's RMSNorm classes) are swapped: a subclass may override
+    forward, and a user's module that computes an RMS norm on the probe may do more (here: a clamp)."""
+
+    class DoubledLayerNorm(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class ClampedNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+            self.eps = 1e-6
+
+        def forward(self, x):
+            return (self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).clamp(-50, 50)
+
+    model = nn.Sequential(DoubledLayerNorm(8), ClampedNorm(8))
+    fusednorm.replace_norms(model)
+    assert [type(m) for m in model] == [DoubledLayerNorm, ClampedNorm]
+
+
+def test_replace_norms_keeps_hooks():
+    ln = nn.LayerNorm(8)
+    calls = []
+    ln.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    handle = ln.register_forward_hook(lambda m, args, out: calls.append("post"))
+    model = nn.Sequential(ln)
+    fusednorm.replace_norms(model)
+    assert isinstance(model[0], fusednorm.LayerNorm)
+    model(torch.randn(2, 8))
+    assert calls == ["pre", "post"]
+    handle.remove()  # a handle taken before the swap still removes the hook from the drop-in
+    model(torch.randn(2, 8))
+    assert calls == ["pre", "post", "pre"]
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                             (torch.bfloat16, torch.float16), (torch.float64, torch.float32)])
+def test_rms_norm_module_accepts_the_weight_dtypes_torch_accepts(x_dtype, w_dtype):
+    """torch.nn.RMSNorm runs with any weight dtype and returns x's dtype; so does the drop-in."""
+    torch.manual_seed(0)
+    ours, theirs = fusednorm.RMSNorm(8, dtype=w_dtype), nn.RMSNorm(8, dtype=w_dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    x = torch.randn(3, 8, dtype=x_dtype) + 1
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == y_theirs.dtype == x_dtype
+    torch.testing.assert_close(y_ours, y_theirs, **ATOL_PAIR[x_dtype])
+    y_ours.float().sum().backward()
+    y_theirs.float().sum().backward()
+    assert ours.weight.grad.dtype == w_dtype
+    torch.testing.assert_close(ours.weight.grad.float(), theirs.weight.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+ATOL_PAIR = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             torch.float64: dict(rtol=1e-6, atol=1e-6)}
+
+
+def test_modules_reject_bad_input_and_options():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fusednorm.LayerNorm(8)([1.0] * 8)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fusednorm.RMSNorm(8)([1.0] * 8)
+    with pytest.raises(ValueError, match="dropout_p"):  # at construction, as nn.Dropout(1.5) does
+        fusednorm.AddLayerNorm(8, dropout_p=1.5)
+    with pytest.raises(TypeError, match="prenorm"):
+        fusednorm.AddRMSNorm(8, prenorm="yes")
+    with pytest.raises(ValueError, match="eps"):
+        fusednorm.AddLayerNorm(8, eps=-1.0)

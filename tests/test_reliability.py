@@ -339,7 +339,7 @@ BAD = [
     ("weight on cpu, x on meta", lambda be: fusednorm.rms_norm(MX, W, backend=be), ValueError,
      "weight must be on x's device"),
     ("residual bf16 for fp16 x", lambda be: fusednorm.add_layer_norm(
-        X.half(), R.bfloat16(), None, backend=be), TypeError, "residual must have x's dtype torch.float16 or float32"),
+        X.half(), R.bfloat16(), None, backend=be), TypeError, "residual must have x's dtype \\(float16\\) or float32"),
     ("residual fp16 for fp32 x", lambda be: fusednorm.add_rms_norm(X, R.half(), W, backend=be), TypeError,
      "residual must have x's dtype"),
     ("residual int", lambda be: fusednorm.add_rms_norm(X, R.long(), W, backend=be), TypeError,

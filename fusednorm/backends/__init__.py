@@ -96,6 +96,8 @@ def get_backend() -> str:
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """The backends that can run on tensors of ``device`` (any device if None) on this machine."""
     device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        return []  # no CUDA tensors can exist here, so nothing runs on them
     return [name for name in BACKENDS if _why_unavailable(name, device) is None]
 
 
