@@ -239,7 +239,8 @@ __device__ __forceinline__ void pre_norm_sum(const P& p, int64_t row, int col, u
     for (int i = 0; i < G; ++i) {
       // The logical index row * N + col, whatever the strides: the mask is a function of position.
       const uint64_t index = static_cast<uint64_t>(row * p.cols + col + i);
-      h[i] = dropout_keep(seed, index, p.keep_threshold) ? h[i] * dropout_scale : C(0);
+      // A product, not a select: NaN/Inf at a dropped position still poisons its row (as F.dropout).
+      h[i] *= dropout_keep(seed, index, p.keep_threshold) ? dropout_scale : C(0);
     }
   }
   if constexpr (V::kHasResidual) {

@@ -322,3 +322,10 @@ def test_emulated_gradients_bit_identical_and_strided_input(as_cuda_backend):
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(first[0], first[1]), "vectorized and scalar paths give the same bits"
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_emulated_nonfinite_value_at_a_dropped_position_poisons_its_row(op, as_cuda_backend):
+    import test_reliability  # the same check as for the other backends (a module attribute: not collected)
+
+    test_reliability.test_nonfinite_value_at_a_dropped_position_still_poisons_its_row("cuda", op, float("nan"))

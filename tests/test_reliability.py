@@ -662,6 +662,33 @@ def test_nonfinite_values_stay_in_their_row(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_value_at_a_dropped_position_still_poisons_its_row(backend, op, value):
+    """Dropout multiplies by the mask (as F.dropout does), so NaN * 0 = NaN: a bad value in x is never
+    erased by being dropped, and its row's y and h are non-finite; the other rows keep their bits."""
+    m, n, p = 4, 16, 0.5
+    gen = torch.Generator().manual_seed(5)
+    x, r = torch.randn(m, n, generator=gen), torch.randn(m, n, generator=gen)
+    torch.manual_seed(3)
+    keep = peek_dropout_mask("cpu", m, n, p)
+    col = int((~keep[2]).nonzero()[0])  # a position of row 2 that the mask drops
+    fn = getattr(fusednorm, op)
+
+    def run(x):
+        torch.manual_seed(3)
+        return fn(x, r, torch.ones(n), dropout_p=p, prenorm=True, backend=backend)
+
+    y_clean, h_clean = run(x)
+    bad = x.clone()
+    bad[2, col] = value
+    y, h = run(bad)
+    assert not torch.isfinite(y[2]).any() and not torch.isfinite(h[2, col])
+    other = [0, 1, 3]
+    assert torch.equal(y[other], y_clean[other]) and torch.equal(h[other], h_clean[other])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("level", [3.0, 1e4])
 def test_constant_row_gives_bias_and_finite_grads(backend, dtype, level, monkeypatch):

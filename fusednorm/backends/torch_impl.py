@@ -26,7 +26,8 @@ def _dropped(x: torch.Tensor, seed: torch.Tensor | None, p: float, cd: torch.dty
     if p == 0.0:
         return xf
     keep = dropout_keep_mask(seed, x.shape[0], x.shape[1], p)
-    return torch.where(keep, xf * (1.0 / (1.0 - p)), torch.zeros((), dtype=cd, device=x.device))
+    # A product, not a select: NaN/Inf at a dropped position still poisons its row, as F.dropout does.
+    return xf * (keep.to(cd) * (1.0 / (1.0 - p)))
 
 
 def _scaled_residual(residual, residual_scale, scale_value, cd):

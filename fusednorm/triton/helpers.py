@@ -7,8 +7,8 @@
   would add ~2 ulp to every output of the row).
 - ``merge_moments``: Chan et al.'s pairwise merge of (count, mean, M2) for rows processed in
   chunks; stable like two-pass statistics (never E[h^2] - E[h]^2).
-- ``sum_pair``: the combine function of a two-output ``tl.reduce`` (both row sums of the
-  LayerNorm backward in one reduction, one round of shuffles and shared memory instead of two).
+- ``row_sums``: both row sums of the LayerNorm backward in one two-output ``tl.reduce`` (one round
+  of shuffles and shared memory instead of two) on the GPU.
 - ``late_upcast``: a 16-bit tensor to float32 where it is used, so that only the 16-bit copy stays
   live across the code in between.
 """
@@ -122,9 +122,23 @@ def merge_moments(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 
 
 @triton.jit
-def sum_pair(a0, a1, b0, b1):
-    """Combine function of ``tl.reduce((u, v), axis, sum_pair)``: (sum(u), sum(v)) in one reduction."""
+def _sum_pair(a0, a1, b0, b1):
+    """Combine function of ``tl.reduce((u, v), axis, _sum_pair)``: (sum(u), sum(v)) in one reduction."""
     return a0 + b0, a1 + b1
+
+
+@triton.jit
+def row_sums(u, v):
+    """(sum(u), sum(v)) over axis 0 of two (BLOCK_N,) tensors.
+
+    On the GPU one two-output reduction (a tree: shuffles, then shared memory). The interpreter runs a
+    custom ``tl.reduce`` as a sequential left fold, whose rounding error grows with N (2-6x torch's on a
+    0-d residual scale's gradient at N >= 1000), so there it takes two pairwise ``tl.sum``s instead.
+    """
+    if _INTERPRETED:
+        return tl.sum(u, axis=0), tl.sum(v, axis=0)
+    else:
+        return tl.reduce((u, v), 0, _sum_pair)
 
 
 @triton.jit

@@ -52,8 +52,8 @@ from .helpers import (
     merge_moments,
     philox_keep,
     row_rstd,
+    row_sums,
     scalar_arg,
-    sum_pair,
 )
 
 _PARAMS_PER_ROW_BLOCK_N: tl.constexpr = tl.constexpr(heuristics.PARAMS_PER_ROW_BLOCK_N)
@@ -67,7 +67,8 @@ def _pre_norm_row(X, R, S, row, cols, mask, N, stride_x, stride_r, seed, keep_th
     h = load_row(X, row, stride_x, cols, mask, COMPUTE)
     if HAS_DROPOUT:
         keep = philox_keep(seed, row * N + cols, keep_threshold)
-        h = tl.where(keep, h * drop_scale, 0.0)
+        # A product, not a select: NaN/Inf at a dropped position still poisons its row (as F.dropout).
+        h = h * tl.where(keep, drop_scale, 0.0)
     if HAS_RESIDUAL:
         h = add_scaled(h, load_row(R, row, stride_r, cols, mask, COMPUTE), s, SCALE_KIND)
     return h
@@ -204,6 +205,8 @@ def _backward_row(DY, X, R, H, W, S, MEAN, RSTD, row, cols, mask, N, stride_dy, 
         # The forward took its statistics of the float32 sum (h was not stored): rebuild exactly that.
         h = load_row(X, row, stride_x, cols, mask, COMPUTE)
         if HAS_DROPOUT:
+            # A select suffices here: NaN/Inf at a dropped position made the row's saved statistics
+            # NaN/Inf in the forward, so the whole row's gradient is already poisoned.
             h = tl.where(keep, h * drop_scale, 0.0)
         if HAS_RESIDUAL:
             if PARAMS_PER_ROW:
@@ -318,7 +321,7 @@ def _backward_kernel(
             else:
                 # Both row sums in one reduction: g and xhat are live across one round of
                 # shuffles and shared memory, not two.
-                sum_g, sum_gx = tl.reduce((g, g * xhat), 0, sum_pair)
+                sum_g, sum_gx = row_sums(g, g * xhat)
                 c1 = divide(sum_g, N, COMPUTE)
                 c2 = divide(sum_gx, N, COMPUTE)
                 dh = rstd * (g - c1 - xhat * c2)
