@@ -30,13 +30,19 @@ def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
     return x if k == 1 else x.flatten(x.dim() - k)
 
 
+def _unflatten(y: Tensor, shape: torch.Size) -> Tensor:
+    """y back in x's shape. No view when the shape already matches (one normalized dimension): a module
+    output that is an autograd view makes FSDP2 warn that in-place ops on it skip its hooks."""
+    return y if y.shape == shape else y.view(shape)
+
+
 class LayerNorm(nn.LayerNorm):
     """Drop-in for torch.nn.LayerNorm (same arguments, parameters and state_dict keys)."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = _normalized_rows(x, self.normalized_shape)
         y = F.layer_norm(rows, _flat(self.weight), _flat(self.bias), self.eps)
-        return y.view(x.shape)
+        return _unflatten(y, x.shape)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -54,7 +60,7 @@ class RMSNorm(nn.RMSNorm):
         if weight is not None and isinstance(x, Tensor) and weight.dtype not in (x.dtype, torch.float32):
             weight = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         y = F.rms_norm(rows, weight, self.eps)
-        return y.view(x.shape)
+        return _unflatten(y, x.shape)
 
 
 class _AddNorm(nn.Module):

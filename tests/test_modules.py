@@ -187,3 +187,12 @@ def test_modules_reject_bad_input_and_options():
         fusednorm.AddRMSNorm(8, prenorm="yes")
     with pytest.raises(ValueError, match="eps"):
         fusednorm.AddLayerNorm(8, eps=-1.0)
+
+
+def test_module_outputs_are_not_autograd_views():
+    """As torch.nn's: FSDP2 warns on a module output that is a view (in-place ops on it skip its hooks)."""
+    x, r = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8)
+    for module in (fusednorm.LayerNorm(8), fusednorm.RMSNorm(8)):
+        assert not module(x)._is_view()
+    for module in (fusednorm.AddLayerNorm(8, prenorm=True), fusednorm.AddRMSNorm(8, prenorm=True)):
+        assert not any(t._is_view() for t in module(x, r))
