@@ -57,7 +57,7 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: Tensor) -> Tensor:
         rows = _normalized_rows(x, self.normalized_shape)
         weight = _flat(self.weight)
-        if weight is not None and isinstance(x, Tensor) and weight.dtype not in (x.dtype, torch.float32):
+        if weight is not None and weight.dtype not in (x.dtype, torch.float32):
             weight = weight.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         y = F.rms_norm(rows, weight, self.eps)
         return _unflatten(y, x.shape)
@@ -206,6 +206,14 @@ class HFRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, out_dtype_rule={self.out_dtype_rule!r}"
 
 
+def forward_arity(module: nn.Module) -> int | None:
+    """How many parameters ``module.forward`` takes (None if its signature cannot be read)."""
+    try:
+        return len(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
 def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
     """(eps, out_dtype_rule) if ``module`` behaves as an HF LLaMA-family RMSNorm, else None (left alone).
 
@@ -223,11 +231,7 @@ def _hf_rmsnorm_match(module: nn.Module) -> tuple[float, str] | None:
     if (set(module._parameters) != {"weight"} or module._buffers or module._modules or weight is None
             or weight.dim() != 1 or not weight.is_floating_point() or weight.is_meta or weight.numel() == 0):
         return None
-    try:
-        # forward(hidden_states) only: a gated norm (forward(x, gate=None)) would lose its gate.
-        if len(inspect.signature(module.forward).parameters) != 1:
-            return None
-    except (TypeError, ValueError):
+    if forward_arity(module) != 1:  # forward(hidden_states) only: a gated norm (x, gate=None) would lose its gate
         return None
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:

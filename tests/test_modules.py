@@ -153,6 +153,10 @@ def test_replace_norms_keeps_hooks():
     assert calls == ["pre", "post", "pre"]
 
 
+ATOL_PAIR = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+             torch.float64: dict(rtol=1e-6, atol=1e-6)}
+
+
 @pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                              (torch.bfloat16, torch.float16), (torch.float64, torch.float32)])
 def test_rms_norm_module_accepts_the_weight_dtypes_torch_accepts(x_dtype, w_dtype):
@@ -170,10 +174,6 @@ def test_rms_norm_module_accepts_the_weight_dtypes_torch_accepts(x_dtype, w_dtyp
     y_theirs.float().sum().backward()
     assert ours.weight.grad.dtype == w_dtype
     torch.testing.assert_close(ours.weight.grad.float(), theirs.weight.grad.float(), rtol=2e-2, atol=2e-2)
-
-
-ATOL_PAIR = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-             torch.float64: dict(rtol=1e-6, atol=1e-6)}
 
 
 def test_modules_reject_bad_input_and_options():

@@ -25,13 +25,12 @@ class name, so the module does not import transformers and works with any versio
 
 from __future__ import annotations
 
-import inspect
 import numbers
 
 import torch
 from torch import Tensor, nn
 
-from ..modules import AddLayerNorm, replace_norms
+from ..modules import AddLayerNorm, forward_arity, replace_norms
 
 __all__ = ["FusedPostLNOutput", "fuse_model", "patch_post_ln"]
 
@@ -76,10 +75,7 @@ def _is_post_ln_block(module: nn.Module) -> bool:
         return False
     if tuple(norm.normalized_shape) != (dense.out_features,) or dense.weight.is_meta:
         return False
-    try:
-        if len(inspect.signature(module.forward).parameters) != 2:
-            return False
-    except (TypeError, ValueError):
+    if forward_arity(module) != 2:
         return False
     flags = {m: m.training for m in module.modules()}
     gen = torch.Generator().manual_seed(0)
