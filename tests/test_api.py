@@ -204,3 +204,10 @@ BAD_CALLS = [
 def test_misuse_raises_with_argument_name(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_available_backends_for_cuda_tensors_without_a_gpu_is_empty(monkeypatch):
+    """No CUDA device: no backend can run on CUDA tensors, so none is listed for them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fusednorm.available_backends("cuda") == []
+    assert "torch" in fusednorm.available_backends("cpu")
