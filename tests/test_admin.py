@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _gloo import run_on_ranks
 from torch import nn
 
 import fusednorm
 from fusednorm.admin import AdminRecord, admin_closed_form, deepnorm_constants, learned_scale_modules
 from fusednorm.models import Encoder
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def np_var(t: torch.Tensor) -> float:
@@ -191,41 +187,22 @@ def test_no_learned_scale_modules():
     assert fusednorm.admin_init(model) == []
 
 
-_DDP_WORKER = textwrap.dedent("""
-    import sys, json, torch, torch.distributed as dist
-    sys.path.insert(0, {root!r})
-    import fusednorm
-    from fusednorm.models import Encoder
-    rank = int(sys.argv[1])
-    dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=rank, world_size=2)
+def _admin_init_on_rank(rank: int, batches_path: str) -> list:
+    """One rank of the DDP test: the same weights on every rank (same seed), this rank's own batch."""
     torch.manual_seed(0)
     model = Encoder(3, 32, 4, 64, "admin")
-    x = torch.load({batches!r})[rank]
-    recs = fusednorm.admin_init(model, lambda: model(x))
-    out = [[r.name, r.var_residual, r.var_branch, r.omega] for r in recs]
-    json.dump(out, open({out!r} + str(rank), "w"))
-    dist.destroy_process_group()
-""")
+    x = torch.load(batches_path)[rank]
+    return [[r.name, r.var_residual, r.var_branch, r.omega] for r in fusednorm.admin_init(model, lambda: model(x))]
 
 
 def test_ddp_averages_variances_over_ranks(tmp_path):
     """Two gloo ranks with different batches set the same omegas: those of the rank-averaged variances."""
-    import json
-
     torch.manual_seed(0)
     reference = Encoder(3, 32, 4, 64, "admin")  # the workers build the same weights from the same seed
     gen = torch.Generator().manual_seed(5)
     batches = [torch.randn(2, 6, 32, generator=gen), torch.randn(3, 6, 32, generator=gen) * 3 + 1]
     torch.save(batches, tmp_path / "batches.pt")
-    script = tmp_path / "worker.py"
-    script.write_text(_DDP_WORKER.format(root=str(ROOT), store=str(tmp_path / "store"),
-                                         batches=str(tmp_path / "batches.pt"), out=str(tmp_path / "rec")))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(script), str(r)], env=env, stderr=subprocess.PIPE) for r in (0, 1)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err.decode()[-3000:]
-    got = [json.loads((tmp_path / f"rec{r}").read_text()) for r in (0, 1)]
+    got = run_on_ranks(_admin_init_on_rank, (str(tmp_path / "batches.pt"),), tmp_path)
     assert got[0] == got[1]
     with torch.no_grad():
         want, _ = manual_admin(reference, batches)

@@ -11,13 +11,9 @@
 
 from __future__ import annotations
 
-import datetime
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from _gloo import run_on_ranks
 from torch import nn
 
 import fusednorm
@@ -126,78 +122,17 @@ def _train_and_check(rank: int, backend: str) -> None:
         opt.step()
 
 
-def _worker(rank: int, port: int, backends: list[str], result_dir: str) -> None:
-    """Runs every check, writes this rank's verdict ("ok" or the traceback) to result_dir, then leaves
-    with os._exit. The verdict is written before teardown because torch's gloo teardown can abort a
-    process ("terminate called without an active exception", SIGABRT) after all the work is done
-    (seen once in CI, 1 run in ~30): that is torch's, not a wrong gradient, and must not be read as one."""
-    import os
-    import traceback
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    verdict = "ok"
-    try:
-        # A short collective timeout: a rank whose partner failed must not wait gloo's default 30 min.
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
-        for backend in backends:  # one start for all backends: starting processes is the slow part
-            _train_and_check(rank, backend)
-    except BaseException:  # noqa: BLE001  (reported to the parent, which fails the test with it)
-        verdict = traceback.format_exc()
-    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(verdict)
-    try:
-        if verdict == "ok":
-            dist.barrier()  # neither rank tears down the store while the other still needs it
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)  # skip interpreter finalization, where gloo's threads can still abort the process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(result_dir) -> list[int | None]:
-    """Starts WORLD worker processes and waits for them; returns their exit codes."""
-    ctx = mp.get_context("spawn")  # the workers inherit os.environ, hence TRITON_INTERPRET (conftest.py)
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, BACKENDS, str(result_dir))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 240
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return [p.exitcode for p in procs]
+def _train_and_check_all(rank: int, backends: list[str]) -> None:
+    """One start of the processes for all backends: starting them is the slow part."""
+    for backend in backends:
+        _train_and_check(rank, backend)
 
 
 def test_ddp_and_fsdp2_gradients_equal_single_process(tmp_path):
     """Two gloo processes, DDP then FSDP2, three SGD steps each, on every available backend in turn (the
-    failure message names it); a worker's failed assertion is re-raised here with its traceback. A hung
-    collective fails the test after 240 s instead of hanging CI. A process that died without a verdict
-    (a signal from gloo itself) gets one retry on a fresh port; a second death fails the test."""
-    for attempt in range(2):
-        result_dir = tmp_path / f"attempt{attempt}"
-        result_dir.mkdir()
-        codes = _launch(result_dir)
-        verdicts = {rank: (result_dir / f"rank{rank}.txt") for rank in range(WORLD)}
-        verdicts = {rank: f.read_text() if f.exists() else None for rank, f in verdicts.items()}
-        failed = {rank: v for rank, v in verdicts.items() if v not in (None, "ok")}
-        if failed:
-            pytest.fail("\n".join(f"rank {rank} failed:\n{v}" for rank, v in failed.items()))
-        if all(v == "ok" for v in verdicts.values()):
-            return  # every check passed on every rank (an abort in teardown after that is torch's)
-        if any(code is None for code in codes) or attempt == 1:
-            break
-    pytest.fail(f"distributed workers gave no verdict (exit codes {codes}: None = hung past 240 s)")
+    failure message names it); a worker's failed assertion fails the test with its traceback (see _gloo.py
+    for how gloo's own teardown aborts are told apart from failures)."""
+    run_on_ranks(_train_and_check_all, (BACKENDS,), tmp_path, world=WORLD)
 
 
 # ---- activation checkpointing -------------------------------------------------------------------------
