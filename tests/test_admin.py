@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from torch import nn
 import fusednorm
 from fusednorm.admin import AdminRecord, admin_closed_form, deepnorm_constants, learned_scale_modules
 from fusednorm.models import Encoder
-
 
 
 def np_var(t: torch.Tensor) -> float:
