@@ -6,7 +6,8 @@ That is torch's, not a wrong result, and must not be read as one; a real failure
 worker writes its verdict (its function's JSON result, or the traceback) to a file before teardown,
 meets the other ranks at a barrier, destroys the group and leaves with os._exit (no interpreter
 finalization, where gloo's threads abort). The parent judges the verdicts; a worker that died without
-one (a signal from gloo itself) gets one retry on a fresh port, and a second death fails the test.
+one (a signal from gloo itself), or a group that did not form, gets one retry on a fresh port; a second
+such failure fails the test.
 """
 
 from __future__ import annotations
@@ -30,14 +31,15 @@ def _entry(rank: int, world: int, port: int, target: Callable[..., Any], args: t
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    verdict: dict[str, Any]
+    verdict: dict[str, Any] = {"ok": False, "setup": True}
     try:
         # A short collective timeout: a rank whose partner failed must not wait gloo's default 30 min.
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
+        verdict["setup"] = False
         verdict = {"ok": True, "result": target(rank, *args)}
     except BaseException:  # noqa: BLE001  (reported to the parent, which fails the test with it)
-        verdict = {"ok": False, "error": traceback.format_exc()}
+        verdict["error"] = traceback.format_exc()
     Path(verdict_dir, f"rank{rank}.json").write_text(json.dumps(verdict))
     try:
         if verdict["ok"]:
@@ -85,7 +87,10 @@ def run_on_ranks(target: Callable[..., Any], args: tuple, tmp_path: Path, world:
         codes = _launch(world, target, args, verdict_dir, timeout_s)
         files = [verdict_dir / f"rank{rank}.json" for rank in range(world)]
         verdicts = [json.loads(f.read_text()) if f.exists() else None for f in files]
-        failed = {rank: v["error"] for rank, v in enumerate(verdicts) if v is not None and not v["ok"]}
+        failed = {rank: v for rank, v in enumerate(verdicts) if v is not None and not v["ok"]}
+        if failed and attempt == 0 and all(v["setup"] for v in failed.values()):
+            continue  # the group did not form (say, another process took the port first): try a fresh one
+        failed = {rank: v["error"] for rank, v in failed.items()}
         if failed:
             pytest.fail("\n".join(f"rank {rank} failed:\n{err}" for rank, err in failed.items()))
         if all(v is not None for v in verdicts):
