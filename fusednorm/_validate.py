@@ -105,3 +105,15 @@ def check_residual_scale(scale: object, residual: object, x: torch.Tensor) -> No
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError("residual_scale must be None, a Python float or a tensor of shape () or (N,), "
                         f"got {type(scale).__name__}")
+
+
+def check_weight_offset(weight_offset: object, weight: object) -> float:
+    """A finite Python float; the affine weight is (weight + weight_offset), so it needs a weight."""
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+        raise TypeError(f"weight_offset must be a Python float, got {type(weight_offset).__name__}")
+    weight_offset = float(weight_offset)
+    if weight_offset != weight_offset or weight_offset in (float("inf"), float("-inf")):
+        raise ValueError(f"weight_offset must be finite, got {weight_offset}")
+    if weight_offset != 0.0 and weight is None:
+        raise ValueError("weight_offset was given but weight is None: the affine weight is (weight + weight_offset)")
+    return weight_offset

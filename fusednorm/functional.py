@@ -1,27 +1,20 @@
 """Autograd Functions (Apex-style drop-ins) and the public functional API.
 
-Each Function validates its arguments, flattens the leading dimensions to (M, N) rows, and runs the
-custom ops of ``fusednorm.ops``. What the forward saves is exactly what DESIGN section 5 assumes
-the backward reads: per-row mean/rstd, plus
-
-- the stored h, when the layer returns it (Pre-LN) or when there is a residual and no learned
-  scale (Post-LN: the backward reads dy and h);
-- x and residual, when the scale is learned in the Post-LN layout (h is recomputed in float32);
-- x alone, for a plain norm;
-- the residual besides h for a learned scale in the Pre-LN layout (ds needs it);
-- weight and residual_scale (parameters) and the int64 dropout seed. Never a dropout mask.
+Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
+dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
+``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the parameters the
+backward reads; per-row float32 mean/rstd; the dropout seed), never a dropout mask.
 """
 
 from __future__ import annotations
-
-import numbers
 
 import torch
 from torch import Tensor
 
 from . import _validate, backends, ops
-from .backends.common import compute_dtype, dresidual_is_dx
+from .backends.contract import BackwardArgs, ForwardArgs, compute_dtype
 from .dropout import draw_seed
+from .variant import ScaleKind, Variant
 
 ResidualScale = float | Tensor | None
 
@@ -38,9 +31,17 @@ def _unit_stride(p: Tensor | None) -> Tensor | None:
     return p.contiguous() if p is not None else None
 
 
+def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
+    if isinstance(residual_scale, Tensor):
+        return ScaleKind.VECTOR if residual_scale.dim() == 1 else ScaleKind.SCALAR
+    if residual_scale is None or float(residual_scale) == 1.0:
+        return ScaleKind.NONE
+    return ScaleKind.CONSTANT
+
+
 def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
-                  residual_in_fp32, backend: str | None):
+                  residual_in_fp32, weight_offset, backend: str | None):
     _validate.check_input(x)
     _validate.check_residual(residual, x)
     _validate.check_param("weight", weight, x)
@@ -50,39 +51,34 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     dropout_p = _validate.check_dropout_p(dropout_p)
     prenorm = _validate.check_flag("prenorm", prenorm)
     residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
+    weight_offset = _validate.check_weight_offset(weight_offset, weight)
     name = backends.resolve(backend, x.device)
 
+    variant = Variant.from_call(
+        is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
+        scale_kind=_scale_kind(residual_scale), dropout_p=dropout_p, prenorm=prenorm,
+        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None)
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
-    weight, bias = _unit_stride(weight), _unit_stride(bias)
-    learned_scale = _unit_stride(residual_scale) if isinstance(residual_scale, Tensor) else None
-    scale_value = float(residual_scale) if isinstance(residual_scale, numbers.Real) else 1.0
-    if residual_in_fp32 and x.dtype != torch.float64:
-        h_dtype = torch.float32
-    else:
-        h_dtype = residual.dtype if residual is not None else x.dtype
-    # Read h back in the backward (DESIGN section 5) unless the scale is learned in the Post-LN
-    # layout, where ds needs x and residual anyway and h is recomputed from them in float32.
-    store_h = prenorm or (residual is not None and learned_scale is None)
-    seed = draw_seed(x.device) if dropout_p > 0.0 else None
+    args = ForwardArgs(
+        x=_rows(x), residual=_rows(residual) if residual is not None else None, weight=_unit_stride(weight),
+        bias=_unit_stride(bias),
+        residual_scale=_unit_stride(residual_scale) if variant.learned_scale else None,
+        seed=draw_seed(x.device) if variant.has_dropout else None, eps=eps,
+        scale_value=float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0,
+        dropout_p=dropout_p, weight_offset=weight_offset)
+    out = ops.forward(variant, args, name)
 
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else None
-    y, h, mean, rstd = ops.fwd(x2, r2, weight, bias, learned_scale, scale_value, eps, dropout_p, seed,
-                               is_rms, store_h, h_dtype, name)
-
-    saved_x = None if store_h else x2
-    saved_residual = r2 if (learned_scale is not None) else None
-    ctx.save_for_backward(saved_x, saved_residual, h if store_h else None, weight, learned_scale,
-                          mean, rstd, seed)
+    available = dict(x=args.x, residual=args.residual, h=out.h, weight=args.weight,
+                     residual_scale=args.residual_scale, mean=out.mean, rstd=out.rstd, seed=args.seed)
+    ctx.save_for_backward(*(available[k] for k in variant.saved))
     ctx.set_materialize_grads(False)
-    ctx.fusednorm = dict(is_rms=is_rms, scale_value=scale_value, dropout_p=dropout_p, backend=name,
-                         x_dtype=x.dtype, x_shape=x.shape,
-                         residual_dtype=residual.dtype if residual is not None else None,
+    ctx.fusednorm = dict(variant=variant, backend=name, x_shape=x.shape, x_dtype=x.dtype, scale_value=args.scale_value,
+                         dropout_p=dropout_p, weight_offset=weight_offset,
                          bias_dtype=bias.dtype if bias is not None else None)
-    y = _as_output(y, x.shape)
+    y = _as_output(out.y, x.shape)
     if prenorm:
-        return y, _as_output(h, x.shape)
+        return y, _as_output(out.h, x.shape)
     return y
 
 
@@ -96,95 +92,93 @@ def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
 
 def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[str, Tensor | None]:
     """Gradients by argument name; the caller orders them for its own forward signature."""
-    x, residual, h, weight, learned_scale, mean, rstd, seed = ctx.saved_tensors
     meta = ctx.fusednorm
+    variant: Variant = meta["variant"]
+    saved = dict(zip(variant.saved, ctx.saved_tensors, strict=True))
     shape = meta["x_shape"]
     if dy is None:
-        dy = torch.zeros(shape, dtype=meta["x_dtype"], device=rstd.device)
-    dx, dresidual, dweight, dbias, dscale = ops.bwd(
-        _rows(dy), _rows(dh_in) if dh_in is not None else None, x, residual, h, weight,
-        meta["bias_dtype"], learned_scale, meta["scale_value"], mean, rstd, meta["dropout_p"], seed,
-        meta["is_rms"], meta["x_dtype"], meta["residual_dtype"], meta["backend"])
-    dx = dx.view(shape)
-    if meta["residual_dtype"] is None:
+        dy = torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device)
+    args = BackwardArgs(
+        dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
+        dh_in=_rows(dh_in) if dh_in is not None else None, x=saved.get("x"), residual=saved.get("residual"),
+        h=saved.get("h"), weight=saved.get("weight"), residual_scale=saved.get("residual_scale"),
+        seed=saved.get("seed"), bias_dtype=meta["bias_dtype"], scale_value=meta["scale_value"],
+        dropout_p=meta["dropout_p"], weight_offset=meta["weight_offset"])
+    grads = ops.backward(variant, args, meta["backend"])
+    dx = grads.dx.view(shape)
+    if not variant.has_residual:
         dresidual = None
-    elif dresidual_is_dx(learned_scale, meta["scale_value"], meta["dropout_p"], meta["x_dtype"],
-                         meta["residual_dtype"]):
+    elif variant.dresidual_is_dx:
         dresidual = dx  # the backend wrote dh once; both inputs get it
     else:
-        dresidual = dresidual.view(shape)
-    return dict(x=dx, residual=dresidual, weight=dweight if weight is not None else None,
-                bias=dbias if meta["bias_dtype"] is not None else None,
-                residual_scale=dscale if learned_scale is not None else None)
+        dresidual = grads.dresidual.view(shape)
+    return dict(x=dx, residual=dresidual, weight=grads.dweight if variant.has_weight else None,
+                bias=grads.dbias if meta["bias_dtype"] is not None else None,
+                residual_scale=grads.dscale if variant.learned_scale else None)
 
 
 def _ordered(ctx, grads: dict, names: tuple[str, ...]) -> tuple:
-    """One gradient per forward argument (None where it is not a tensor or needs no grad)."""
-    out = []
-    for i, name in enumerate(names):
-        g = grads.get(name)
-        out.append(g if g is not None and ctx.needs_input_grad[i] else None)
-    return tuple(out)
+    """One gradient per forward argument, the first ones named by ``names`` in the forward's order
+    (None where an argument is not a tensor, needs no grad, or is not named)."""
+    names = names + ("",) * (len(ctx.needs_input_grad) - len(names))
+    return tuple(grads.get(name) if needed else None for name, needed in zip(names, ctx.needs_input_grad, strict=True))
 
 
 class LayerNormFunction(torch.autograd.Function):
-    """``LayerNormFunction.apply(x, weight=None, bias=None, eps=1e-5[, backend])`` -> y."""
+    """``LayerNormFunction.apply(x, weight=None, bias=None, eps=1e-5[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, backend=None):
-        return _norm_forward(ctx, False, x, None, weight, bias, eps, None, 0.0, False, False, backend)
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None):
+        return _norm_forward(ctx, False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
 
     @staticmethod
     def backward(ctx, dy):
-        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight", "bias", "", ""))
+        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight", "bias"))
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """``RMSNormFunction.apply(x, weight=None, eps=1e-6[, backend])`` -> y."""
+    """``RMSNormFunction.apply(x, weight=None, eps=1e-6[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, eps=1e-6, backend=None):
+    def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None):
         return _norm_forward(ctx, True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
-                             backend)
+                             weight_offset, backend)
 
     @staticmethod
     def backward(ctx, dy):
-        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight", "", ""))
-
-
-_ADD_NAMES_TAIL = ("residual_scale", "", "", "", "")
+        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight"))
 
 
 class AddLayerNormFunction(torch.autograd.Function):
     """``AddLayerNormFunction.apply(x, residual, weight, bias=None, eps=1e-5, residual_scale=None,
-    dropout_p=0.0, prenorm=False, residual_in_fp32=False[, backend])`` -> y or (y, h)."""
+    dropout_p=0.0, prenorm=False, residual_in_fp32=False[, weight_offset, backend])`` -> y or (y, h)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias=None, eps=1e-5, residual_scale=None, dropout_p=0.0,
-                prenorm=False, residual_in_fp32=False, backend=None):
+                prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None):
         return _norm_forward(ctx, False, x, residual, weight, bias, eps, residual_scale, dropout_p,
-                             prenorm, residual_in_fp32, backend)
+                             prenorm, residual_in_fp32, weight_offset, backend)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
         grads = _norm_backward(ctx, dy, dh_in)
-        return _ordered(ctx, grads, ("x", "residual", "weight", "bias", "") + _ADD_NAMES_TAIL)
+        return _ordered(ctx, grads, ("x", "residual", "weight", "bias", "", "residual_scale"))
 
 
 class AddRMSNormFunction(torch.autograd.Function):
     """``AddRMSNormFunction.apply(x, residual, weight, eps=1e-6, residual_scale=None, dropout_p=0.0,
-    prenorm=False, residual_in_fp32=False[, backend])`` -> y or (y, h)."""
+    prenorm=False, residual_in_fp32=False[, weight_offset, backend])`` -> y or (y, h)."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps=1e-6, residual_scale=None, dropout_p=0.0, prenorm=False,
-                residual_in_fp32=False, backend=None):
+                residual_in_fp32=False, weight_offset=0.0, backend=None):
         return _norm_forward(ctx, True, x, residual, weight, None, _rms_eps(eps, x), residual_scale,
-                             dropout_p, prenorm, residual_in_fp32, backend)
+                             dropout_p, prenorm, residual_in_fp32, weight_offset, backend)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
         grads = _norm_backward(ctx, dy, dh_in)
-        return _ordered(ctx, grads, ("x", "residual", "weight", "") + _ADD_NAMES_TAIL)
+        return _ordered(ctx, grads, ("x", "residual", "weight", "", "residual_scale"))
 
 
 def _rms_eps(eps, x):
@@ -196,30 +190,31 @@ def _rms_eps(eps, x):
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-5,
-               *, backend: str | None = None) -> Tensor:
+               *, weight_offset: float = 0.0, backend: str | None = None) -> Tensor:
     """LayerNorm over the last dimension with float32 statistics.
 
     x: (..., N) float16/bfloat16/float32/float64. weight, bias: (N,) in x's dtype or float32, or None.
+    weight_offset: the affine weight is (weight + weight_offset), summed in float32 (Gemma's (1 + w)).
     Returns y: x's shape and dtype. backend: "auto", "torch", "triton", "cuda" or None (the global
     choice, see ``fusednorm.set_backend``). Raises TypeError/ValueError naming a bad argument.
     """
-    return LayerNormFunction.apply(x, weight, bias, eps, backend)
+    return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend)
 
 
-def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, *,
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, *, weight_offset: float = 0.0,
              backend: str | None = None) -> Tensor:
-    """RMSNorm over the last dimension: y = x * rsqrt(mean(x^2) + eps) * weight.
+    """RMSNorm over the last dimension: y = x * rsqrt(mean(x^2) + eps) * (weight + weight_offset).
 
     x: (..., N); weight: (N,) or None; eps=None uses the epsilon torch.nn.RMSNorm uses (float32's for
     16/32-bit x, float64's for float64 x).
     Returns y: x's shape and dtype.
     """
-    return RMSNormFunction.apply(x, weight, eps, backend)
+    return RMSNormFunction.apply(x, weight, eps, weight_offset, backend)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,
                    eps: float = 1e-5, *, residual_scale: ResidualScale = None, dropout_p: float = 0.0,
-                   prenorm: bool = False, residual_in_fp32: bool = False,
+                   prenorm: bool = False, residual_in_fp32: bool = False, weight_offset: float = 0.0,
                    backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Fused h = residual * residual_scale + dropout(x); y = LayerNorm(h).
 
@@ -230,12 +225,13 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     else residual's dtype.
     """
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                      residual_in_fp32, backend)
+                                      residual_in_fp32, weight_offset, backend)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = 1e-6, *,
                  residual_scale: ResidualScale = None, dropout_p: float = 0.0, prenorm: bool = False,
-                 residual_in_fp32: bool = False, backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                 residual_in_fp32: bool = False, weight_offset: float = 0.0,
+                 backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Fused h = residual * residual_scale + dropout(x); y = RMSNorm(h). Arguments as add_layer_norm."""
     return AddRMSNormFunction.apply(x, residual, weight, eps, residual_scale, dropout_p, prenorm,
-                                    residual_in_fp32, backend)
+                                    residual_in_fp32, weight_offset, backend)

@@ -5,7 +5,8 @@ Backends: "torch" (plain torch, the CPU path and the reference), "triton" (the k
 extension built from ``csrc/``). "auto" picks the fastest available for the tensor's device:
 triton on CUDA (then cuda, then torch), torch on the CPU.
 
-Each backend module provides ``forward`` and ``backward`` with the contract of ``fusednorm/ops.py``.
+Each backend module (``<name>_impl.py`` here) provides ``forward`` and ``backward`` with the contract
+of ``backends/contract.py``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ def _why_unavailable(name: str, device: torch.device | None) -> str | None:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return "triton backend unavailable: the triton package is not installed (pip install triton)"
-        if importlib.util.find_spec("fusednorm.triton") is None:
-            return "triton backend unavailable: this copy of fusednorm has no fusednorm/triton kernels"
         if device is not None and device.type != "cuda" and not _triton_interpreted():
             return (f"triton backend needs CUDA tensors (got {device.type} tensors); "
                     "set TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU")
@@ -115,5 +114,4 @@ def resolve(backend: str | None, device: torch.device) -> str:
 
 def implementation(name: str) -> ModuleType:
     """The module with ``forward``/``backward`` for a resolved backend name."""
-    module = {"torch": ".torch_impl", "triton": "..triton", "cuda": ".cuda_impl"}[name]
-    return importlib.import_module(module, __name__)
+    return importlib.import_module(f".{name}_impl", __name__)

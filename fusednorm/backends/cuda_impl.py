@@ -4,13 +4,12 @@ Importing ``fusednorm._C`` registers three ops in the ``fusednorm`` namespace (C
 TORCH_LIBRARY_FRAGMENT; CUDA kernels, and on CPU tensors the same argument checks ending in a
 ValueError):
 
-- ``torch.ops.fusednorm.cuda_fwd`` / ``cuda_bwd``: the kernels, with the backend contract's arguments
-  (``fusednorm/ops.py``) plus two values decided here once for every backend: the integer dropout
-  threshold (``fusednorm.dropout.keep_threshold``) and whether dresidual is written
-  (``not dresidual_is_dx``);
+- ``torch.ops.fusednorm.cuda_fwd`` / ``cuda_bwd``: the kernels, with the arguments of the op layer's
+  ``fusednorm::fwd`` / ``bwd`` (``fusednorm/ops.py``) minus ``backend``: the variant's flag word, which
+  csrc/fusednorm.h decodes (its derived facts mirror ``fusednorm.variant.Variant``);
 - ``torch.ops.fusednorm.cuda_launch_config``: the launch heuristic (no tensors; testable anywhere).
 
-``forward``/``backward`` below have exactly the signatures of ``backends/torch_impl.py``. The module
+``forward``/``backward`` below implement the backend contract (``backends/contract.py``). The module
 imports without the extension; ``why_unavailable()`` says why the backend cannot run.
 """
 
@@ -22,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..dropout import keep_threshold
-from .common import dresidual_is_dx, empty_backward_results, empty_forward_results
+from ..variant import Variant
+from .contract import BackwardArgs, ForwardArgs, ForwardResult, Gradients, allocate_backward, allocate_forward
 
 _loaded: bool | None = None  # None: not tried yet
 _load_error: str | None = None
@@ -99,39 +98,33 @@ def _require(x: torch.Tensor) -> None:
                          "use backend='torch' (or 'triton') for CPU tensors")
 
 
-def _threshold(dropout_p: float) -> int:
-    return keep_threshold(dropout_p) if dropout_p > 0.0 else 0
+def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
+    """The backend contract's forward (backends/contract.py)."""
+    _require(args.x)
+    a = args
+    return ForwardResult(*torch.ops.fusednorm.cuda_fwd(
+        a.x, a.residual, a.weight, a.bias, a.residual_scale, a.seed, variant.flags, a.eps, a.scale_value, a.dropout_p,
+        a.weight_offset))
 
 
-def forward(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, seed, is_rms, store_h, h_dtype):
-    """The backend contract's forward (fusednorm/ops.py): x, residual (M, N); weight, bias (N,);
-    returns (y, h, mean, rstd)."""
-    _require(x)
-    return torch.ops.fusednorm.cuda_fwd(x, residual, weight, bias, residual_scale, float(scale_value), float(eps),
-                                        float(dropout_p), _threshold(dropout_p), seed, is_rms, store_h, h_dtype)
-
-
-def backward(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd, dropout_p,
-             seed, is_rms, x_dtype, residual_dtype):
-    """The backend contract's backward: returns (dx, dresidual, dweight, dbias, dscale)."""
-    _require(dy)
-    store_dresidual = residual_dtype is not None and not dresidual_is_dx(
-        residual_scale, scale_value, dropout_p, x_dtype, residual_dtype)
-    return torch.ops.fusednorm.cuda_bwd(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale,
-                                        float(scale_value), mean, rstd, float(dropout_p), _threshold(dropout_p), seed,
-                                        is_rms, x_dtype, residual_dtype, store_dresidual)
+def backward(variant: Variant, args: BackwardArgs) -> Gradients:
+    """The backend contract's backward (backends/contract.py)."""
+    _require(args.dy)
+    a = args
+    return Gradients(*torch.ops.fusednorm.cuda_bwd(
+        a.dy, a.dh_in, a.x, a.residual, a.h, a.weight, a.residual_scale, a.mean, a.rstd, a.seed, variant.flags,
+        a.scale_value, a.dropout_p, a.weight_offset, a.bias_dtype))
 
 
 def _register_fakes() -> None:
     """Fake (meta) functions of the C++ ops, so that they trace under torch.compile / FakeTensor."""
 
     @torch.library.register_fake("fusednorm::cuda_fwd")
-    def _cuda_fwd_fake(x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, threshold, seed,
-                       is_rms, store_h, h_dtype):
-        return empty_forward_results(x, is_rms, store_h, h_dtype)
+    def _cuda_fwd_fake(x, residual, weight, bias, residual_scale, seed, variant, eps, scale_value, dropout_p,
+                       weight_offset):
+        return tuple(allocate_forward(Variant.from_flags(variant), x))
 
     @torch.library.register_fake("fusednorm::cuda_bwd")
-    def _cuda_bwd_fake(dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd,
-                       dropout_p, threshold, seed, is_rms, x_dtype, residual_dtype, store_dresidual):
-        return empty_backward_results(dy, weight, bias_dtype, residual_scale, x_dtype, store_dresidual,
-                                      residual_dtype)
+    def _cuda_bwd_fake(dy, dh_in, x, residual, h, weight, residual_scale, mean, rstd, seed, variant, scale_value,
+                       dropout_p, weight_offset, bias_dtype):
+        return tuple(allocate_backward(Variant.from_flags(variant), dy, weight, residual_scale, bias_dtype))

@@ -11,6 +11,8 @@
   of shuffles and shared memory instead of two) on the GPU.
 - ``late_upcast``: a 16-bit tensor to float32 where it is used, so that only the 16-bit copy stays
   live across the code in between.
+- ``host_scalar``: a host float passed as the bits of a float64, exact in float64 kernels.
+- ``rounded_to``: a conversion for a store that rounds to nearest even, also in the interpreter.
 """
 
 from __future__ import annotations
@@ -58,9 +60,28 @@ def philox_keep(seed, index, keep_threshold):
 
 
 @triton.jit
-def scalar_arg(hi, lo, COMPUTE: tl.constexpr):
-    """A host float passed as two float32 words (hi + lo) so float64 kernels see ~48 bits of it."""
-    return tl.cast(hi, COMPUTE) + tl.cast(lo, COMPUTE)
+def host_scalar(hi, lo, COMPUTE: tl.constexpr):
+    """A host float, passed as the two 32-bit halves of its float64 bits (``fusednorm.triton.float_words``):
+    exact in float64 kernels, rounded once to nearest in float32 ones. A float argument would be a
+    float32: it loses digits, or overflows, for float64 inputs. Two int32 words (not one int64) keep
+    the argument types, and so the compiled kernel, the same whatever the value."""
+    bits = (hi.to(tl.int64) << 32) | (lo.to(tl.int64) & 0xFFFFFFFF)
+    return bits.to(tl.float64, bitcast=True).to(COMPUTE)
+
+
+@triton.jit
+def rounded_to(value, PTR):
+    """``value`` converted to the element type of ``PTR`` for a store, rounded to nearest even.
+
+    The GPU rounds float32 -> bfloat16 to nearest even; the interpreter truncates. Under the
+    interpreter the rounding is done here on the bits (NaN kept), so that CPU runs of the kernels give
+    the GPU's (and torch's) bits.
+    """
+    if _INTERPRETED and PTR.dtype.element_ty == tl.bfloat16 and value.dtype == tl.float32:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        value = tl.where(value != value, value, (bits & 0xFFFF0000).to(tl.float32, bitcast=True))
+    return value.to(PTR.dtype.element_ty)
 
 
 @triton.jit

@@ -1,0 +1,112 @@
+"""The "triton" backend: ``forward(variant, ForwardArgs)`` / ``backward(variant, BackwardArgs)`` with
+the contract of ``backends/contract.py``, over the kernels of ``fusednorm/triton/``.
+
+Host side only: allocate the results, pass the variant's constexpr flags
+(``Variant.triton_forward_flags`` / ``triton_backward_flags``), pick the launch with
+``heuristics.launch_config`` and reduce the backward's per-program column sums. No host
+synchronization (no ``.item()``), so calls can be captured in CUDA graphs. Runs on CUDA tensors, or
+on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+from torch import Tensor
+
+from ..dropout import keep_threshold
+from ..triton import heuristics
+from ..triton.backward import _backward_kernel
+from ..triton.forward import _forward_kernel
+from ..variant import ScaleKind, Variant
+from .contract import (
+    BackwardArgs,
+    ForwardArgs,
+    ForwardResult,
+    Gradients,
+    allocate_backward,
+    allocate_forward,
+    compute_dtype,
+    zero_parameter_gradients,
+)
+
+
+def float_words(value: float) -> tuple[int, int]:
+    """The bits of ``value`` as a float64, as two signed int32 words (hi, lo): ``helpers.host_scalar``."""
+    lo, hi = struct.unpack("<ii", struct.pack("<d", float(value)))
+    return hi, lo
+
+
+def _tl_compute(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if compute_dtype(dtype) == torch.float64 else tl.float32
+
+
+def _row_stride(t: Tensor | None) -> int:
+    return t.stride(0) if t is not None else 0
+
+
+def _dropout_scale(dropout_p: float) -> float:
+    return 1.0 / (1.0 - dropout_p)
+
+
+def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
+    x = args.x
+    rows, cols = x.shape
+    out = allocate_forward(variant, x)
+    if rows == 0:
+        return out
+    cfg = heuristics.launch_config(rows, cols, x.device, backward=False)
+    _forward_kernel[(cfg.num_programs,)](
+        x, args.residual, args.weight, args.bias, args.residual_scale, args.seed,
+        out.y, out.h if variant.store_h else None, None if variant.is_rms else out.mean, out.rstd,
+        x.stride(0), _row_stride(args.residual), out.y.stride(0), out.h.stride(0) if variant.store_h else 0,
+        rows, cols, cfg.rows_per_program,
+        *float_words(args.eps), *float_words(args.scale_value), *float_words(_dropout_scale(args.dropout_p)),
+        *float_words(args.weight_offset), keep_threshold(args.dropout_p),
+        COMPUTE=_tl_compute(x.dtype), BLOCK_N=cfg.block_n, NUM_CHUNKS=cfg.num_chunks,
+        num_warps=cfg.num_warps, **variant.triton_forward_flags(),
+    )
+    return out
+
+
+def backward(variant: Variant, args: BackwardArgs) -> Gradients:
+    dy = args.dy
+    rows, cols = dy.shape
+    grads = allocate_backward(variant, dy, args.weight, args.residual_scale, args.bias_dtype)
+    if rows == 0:
+        return zero_parameter_gradients(grads)
+    cd = compute_dtype(dy.dtype)
+    cfg = heuristics.launch_config(rows, cols, dy.device, backward=True)
+
+    def partial(wanted: bool) -> Tensor | None:
+        return torch.empty((cfg.num_programs, cols), dtype=cd, device=dy.device) if wanted else None
+
+    dweight_partial = partial(args.weight is not None)
+    dbias_partial = partial(args.bias_dtype is not None)
+    dscale_partial = partial(variant.learned_scale)
+    row_coef = torch.empty((rows, 2), dtype=cd, device=dy.device) if cfg.num_chunks > 1 else None
+    _backward_kernel[(cfg.num_programs,)](
+        dy, args.dh_in, None if variant.store_h else args.x, args.residual, args.h, args.weight,
+        args.residual_scale, None if variant.is_rms else args.mean, args.rstd, args.seed,
+        grads.dx, grads.dresidual if variant.store_dresidual else None, dweight_partial, dbias_partial,
+        dscale_partial, row_coef,
+        dy.stride(0), _row_stride(args.dh_in), _row_stride(args.x), _row_stride(args.residual),
+        _row_stride(args.h), grads.dx.stride(0), grads.dresidual.stride(0) if variant.store_dresidual else 0,
+        rows, cols, cfg.rows_per_program,
+        *float_words(args.scale_value), *float_words(_dropout_scale(args.dropout_p)), *float_words(args.weight_offset),
+        keep_threshold(args.dropout_p),
+        COMPUTE=_tl_compute(dy.dtype), BLOCK_N=cfg.block_n, NUM_CHUNKS=cfg.num_chunks, num_warps=cfg.num_warps,
+        **variant.triton_backward_flags(has_dh_in=args.dh_in is not None),
+    )
+    # One fixed-order reduction over the programs' float32 partial sums: deterministic.
+    if dweight_partial is not None:
+        grads.dweight.copy_(dweight_partial.sum(0))
+    if dbias_partial is not None:
+        grads.dbias.copy_(dbias_partial.sum(0))
+    if dscale_partial is not None:
+        per_column = dscale_partial.sum(0)
+        grads.dscale.copy_(per_column if variant.scale_kind == ScaleKind.VECTOR else per_column.sum())
+    return grads
