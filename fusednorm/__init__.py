@@ -16,7 +16,8 @@ from .functional import (
     layer_norm,
     rms_norm,
 )
-from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm, replace_norms
+from .integrations.norms import replace_norms
+from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 
 __version__ = "0.1.0"
 

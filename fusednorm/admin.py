@@ -46,6 +46,7 @@ queries/keys) initialised with Xavier-normal gain beta. See :func:`deepnorm_cons
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -134,10 +135,13 @@ def admin_init(model: nn.Module, run_forward: Callable[[], object] | None = None
     Training flags are restored and the hooks removed, also when ``run_forward`` raises.
     """
     modules = learned_scale_modules(model)
+    if not modules:
+        warnings.warn(f"admin_init found no AddLayerNorm/AddRMSNorm with a learned residual_scale in "
+                      f"{type(model).__name__}: nothing was set (build them with residual_scale='vector' or "
+                      "'scalar', e.g. fuse_model(model, residual_scale='vector'))", stacklevel=2)
+        return []
     if run_forward is None:
         n = num_residual_layers if num_residual_layers is not None else len(modules)
-        if not modules:
-            return []
         omega = admin_closed_form(n)
         with torch.no_grad():
             for _, m in modules:
@@ -230,4 +234,7 @@ def deepnorm_init_(model: nn.Module, beta: float) -> list[str]:
                 nn.init.xavier_normal_(lin.weight, gain=1.0)
                 if lin.bias is not None:
                     lin.bias.zero_()
+    if not names:
+        warnings.warn(f"deepnorm_init_ found no fusednorm.models layer in {type(model).__name__}: nothing was "
+                      "initialised", stacklevel=2)
     return names

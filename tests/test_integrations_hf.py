@@ -1,6 +1,8 @@
-"""Hugging Face models: fusednorm.integrations.huggingface on BERT, replace_norms on LLaMA.
+"""Hugging Face models: fusednorm.integrations.huggingface on BERT, replace_norms on HF's RMSNorm classes
+(LLaMA's, OLMo-2's, T5's dtype rules; Gemma's (1 + w)), safety and reports, the kernels hub layers.
+Decoder-layer fusion is tested in tests/test_hf_decoders.py.
 
-Tiny random-init configs, no downloads. Skipped when transformers is not installed (it is in the
+Tiny random-init configs, no downloads (HF_HUB_OFFLINE=1). Skipped when transformers is not installed (it is in the
 ``test`` extra, so CI runs these). Correctness as in tests/test_integrations.py: outputs (eval) and
 gradients (dropout off) within the DESIGN section-6 bound against a float64 copy of the original.
 """
@@ -8,19 +10,25 @@ gradients (dropout off) within the DESIGN section-6 bound against a float64 copy
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
 
 import fusednorm
-from fusednorm.integrations.huggingface import FusedPostLNOutput, fuse_model, patch_post_ln
-from fusednorm.modules import HFRMSNorm
+from fusednorm.integrations.huggingface import FusedPostLNOutput, PatchReport, fuse_model, patch_post_ln
+from fusednorm.integrations.norms import HFRMSNorm
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
+from _hf import float64_reference  # noqa: E402
 from test_integrations import assert_model_matches, assert_within_section6, count_calls, outputs_and_grads  # noqa: E402
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel  # noqa: E402
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
+from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm  # noqa: E402
+from transformers.models.t5.modeling_t5 import T5LayerNorm  # noqa: E402
 
 VOCAB, SEQ = 64, 7
 
@@ -52,27 +60,6 @@ def tiny_llama(**overrides) -> LlamaModel:
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, intermediate_size=64, max_position_embeddings=16, **overrides)
     return perturb_norms(LlamaModel(config))
-
-
-class ExactRMSNorm(nn.Module):
-    """LlamaRMSNorm's formula in the input's dtype (HF's class computes in float32 even for float64 input):
-    the float64 reference model must be float64 throughout."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-
-def float64_reference(model: nn.Module) -> nn.Module:
-    reference = copy.deepcopy(model).double()
-    for parent in list(reference.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LlamaRMSNorm):
-                setattr(parent, name, ExactRMSNorm(child))
-    return reference
 
 
 def hidden(output) -> torch.Tensor:
@@ -207,42 +194,93 @@ def test_llama_replaced_matches_original_outputs_and_gradients():
                          outputs_and_grads(original, ids, out=hidden))
 
 
-@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                                  (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
-def test_hf_rmsnorm_output_dtype_and_values_match_llama(x_dtype, w_dtype):
-    """HF's ``weight * h.to(input_dtype)``: the output dtype is promote_types(x, weight); values within
-    the section-6 bound of HF's own result (which rounds twice) against float64."""
-    norm = LlamaRMSNorm(48, eps=1e-6).to(w_dtype)
+RULES = {LlamaRMSNorm: ("promote", 0.0), Olmo2RMSNorm: ("input", 0.0), T5LayerNorm: ("weight", 0.0),
+         GemmaRMSNorm: ("input", 1.0)}
+
+
+def hf_norm(cls, n: int = 48, w_dtype=torch.float32) -> nn.Module:
+    norm = cls(n, eps=1e-6).to(w_dtype)
     with torch.no_grad():
-        norm.weight.normal_(1.0, 0.3)
+        norm.weight.normal_(0.2 if cls is GemmaRMSNorm else 1.0, 0.3)
+    return norm
+
+
+@pytest.mark.parametrize("cls", list(RULES), ids=lambda c: c.__name__)
+@pytest.mark.parametrize(("x_dtype", "w_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                  (torch.float16, torch.float32)])
+def test_hf_rmsnorm_classes_swapped_with_their_dtype_rule_and_offset(cls, x_dtype, w_dtype):
+    """LLaMA's ``weight * h.to(input_dtype)`` (promote_types(x, w)), OLMo-2's ``(weight * h).to(input_dtype)``,
+    T5's ``h.to(weight.dtype)`` and Gemma's ``(h * (1 + w.float())).type_as(x)`` (offset 1, summed in float32,
+    rounded once): the drop-in returns HF's dtype, values and input gradient within the section-6 bound of
+    HF's own result against float64."""
+    norm = hf_norm(cls, w_dtype=w_dtype)
     twin = fusednorm.replace_norms(copy.deepcopy(norm))
-    assert isinstance(twin, HFRMSNorm)
-    x = (torch.randn(6, 48, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(x_dtype)
+    assert isinstance(twin, HFRMSNorm) and (twin.out_dtype_rule, twin.weight_offset) == RULES[cls]
+    x = (torch.randn(6, 48, generator=torch.Generator().manual_seed(0)) * 2 + 1).to(x_dtype).requires_grad_(True)
     ours, theirs = twin(x), norm(x)
-    assert ours.dtype == theirs.dtype == torch.promote_types(x_dtype, w_dtype)
-    x64, w64 = x.double(), norm.weight.detach().double()
+    assert ours.dtype == theirs.dtype
+    x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double() + RULES[cls][1]
     reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
     assert_within_section6("y", ours, reference, theirs, dtype=theirs.dtype)
+    g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = [torch.autograd.grad((out.double() * g).sum(), inp)[0] for out, inp in
+             ((ours, x), (theirs, x), (reference, x64))]
+    assert_within_section6("dx", grads[0], grads[2], grads[1], dtype=x_dtype)
 
 
-def test_rmsnorm_lookalikes_are_left_alone():
-    """Matched by behaviour: Gemma's (1 + weight), a gated norm and a bias-free LayerNorm are not RMSNorms."""
+def test_rmsnorm_lookalikes_are_left_alone_with_a_reason():
+    """Matched by behaviour: a gated norm, a bias-free LayerNorm and a norm that ignores its weight are not
+    RMSNorms (transformers' own classes, subclassed here as transformers would define them)."""
 
-    class OnePlusWeight(LlamaRMSNorm):
-        def forward(self, x):
-            return super().forward(x) / self.weight * (1.0 + self.weight)
-
-    class Gated(LlamaRMSNorm):
+    class GatedRMSNorm(LlamaRMSNorm):
         def forward(self, x, gate=None):
             return super().forward(x if gate is None else x * gate)
 
-    class MeanSubtracted(LlamaRMSNorm):
+    class MeanSubtractedRMSNorm(LlamaRMSNorm):
         def forward(self, x):
             return super().forward(x - x.mean(-1, keepdim=True))
 
-    model = nn.Sequential(OnePlusWeight(16), Gated(16), MeanSubtracted(16), LlamaRMSNorm(16))
+    class UnweightedRMSNorm(LlamaRMSNorm):
+        def forward(self, x):
+            return super().forward(x) / self.weight
+
+    for cls in (GatedRMSNorm, MeanSubtractedRMSNorm, UnweightedRMSNorm):
+        cls.__module__ = LlamaRMSNorm.__module__  # as if transformers had defined them
+    model = nn.Sequential(GatedRMSNorm(16), MeanSubtractedRMSNorm(16), UnweightedRMSNorm(16), LlamaRMSNorm(16))
+    report = PatchReport()
+    fusednorm.replace_norms(model, report=report)
+    assert [type(m).__name__ for m in model] == ["GatedRMSNorm", "MeanSubtractedRMSNorm", "UnweightedRMSNorm",
+                                                 "HFRMSNorm"]
+    reasons = [r.detail for r in report.left]
+    assert "gated" in reasons[0] and all("output differs" in r for r in reasons[1:])
+
+
+def test_a_user_copy_of_llama_rmsnorm_is_not_swapped():
+    """The README's promise: a class of the user's own is never swapped, even one that computes exactly
+    LlamaRMSNorm's formula and is named like it."""
+
+    class MyRMSNorm(LlamaRMSNorm):
+        pass
+
+    model = nn.Sequential(MyRMSNorm(16))
     fusednorm.replace_norms(model)
-    assert [type(m).__name__ for m in model] == ["OnePlusWeight", "Gated", "MeanSubtracted", "HFRMSNorm"]
+    assert type(model[0]) is MyRMSNorm
+
+
+def test_hf_norms_on_the_meta_device_are_swapped():
+    """Recognised by a probe on a CPU copy: the meta model is swapped, and once its weights are loaded it
+    gives the outputs of the model built normally."""
+    with torch.device("meta"):
+        model = nn.Sequential(LlamaRMSNorm(16), GemmaRMSNorm(16), T5LayerNorm(16))
+    report = PatchReport()
+    fusednorm.replace_norms(model, report=report)
+    assert [type(m) for m in model] == [HFRMSNorm] * 3 and len(report.swapped) == 3
+    assert [(m.out_dtype_rule, m.weight_offset) for m in model] == [("promote", 0.0), ("input", 1.0), ("weight", 0.0)]
+    built = nn.Sequential(hf_norm(LlamaRMSNorm, 16), hf_norm(GemmaRMSNorm, 16), hf_norm(T5LayerNorm, 16))
+    model.load_state_dict(built.state_dict(), assign=True)
+    x = torch.randn(3, 16) + 1
+    torch.testing.assert_close(model(x), built(x), rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- compile
