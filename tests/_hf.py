@@ -27,7 +27,8 @@ FAMILIES = {
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                           experts_implementation="eager")),  # float64 reference
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
 }
 

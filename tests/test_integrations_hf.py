@@ -285,16 +285,45 @@ def test_hf_norms_on_the_meta_device_are_swapped():
 
 # -------------------------------------------------------------------------------------------- compile
 
+def _recording(graphs: list):
+    """A torch.compile backend: keep Dynamo's FX graph, then run AOTAutograd's eager backend."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return backend
+
+
+def _hidden_adds_and_norms(gm, hidden_shape) -> tuple[int, int]:
+    """(adds producing a (B, T, hidden) tensor, fusednorm forward ops) in a Dynamo graph and the subgraphs
+    of its autograd.Function calls."""
+    import operator
+
+    adds = norms = 0
+    for module in gm.modules():
+        for node in module.graph.nodes if isinstance(module, torch.fx.GraphModule) else ():
+            value = node.meta.get("example_value")
+            if node.target in (operator.add, torch.add) and getattr(value, "shape", None) == hidden_shape:
+                adds += 1
+            norms += node.target is torch.ops.fusednorm.fwd.default
+    return adds, norms
+
+
 def test_compiled_patched_models_run_and_match_eager():
-    """torch.compile(fullgraph=True) of a patched BERT (Admin scale, dropout on) and a replaced LLaMA:
-    no graph break anywhere in the model, forward and backward. AOTAutograd's eager backend keeps the
-    CI time small (Inductor's C++ code generation for a whole model takes minutes on 2 cores) and runs
-    the same kernels, so the results equal eager bit for bit, dropout included (same seeds)."""
+    """torch.compile(fullgraph=True) of a patched BERT (Admin scale, dropout on) and a fused LLaMA (every
+    residual add fused, the hand-off between layers included): one graph, no graph break, forward and
+    backward; the LLaMA graph holds no residual add on (B, T, hidden) tensors and 2L + 1 fused norm calls.
+    AOTAutograd's eager backend keeps the CI time small (Inductor's C++ code generation for a whole model
+    takes minutes on 2 cores) and runs the same kernels, so the results equal eager bit for bit, dropout
+    included (same seeds)."""
     ids = token_ids()
     bert = fuse_model(tiny_bert(), residual_scale="vector").train()
-    llama = fusednorm.replace_norms(tiny_llama()).train()
+    llama = fuse_model(tiny_llama()).train()
     for model in (bert, llama):
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        graphs: list = []
+        compiled = torch.compile(model, fullgraph=True, backend=_recording(graphs))
         torch.manual_seed(0)
         eager = outputs_and_grads(model, ids, out=hidden)
         torch.manual_seed(0)
@@ -304,3 +333,50 @@ def test_compiled_patched_models_run_and_match_eager():
         assert set(eager) <= set(got) and all(not got[k].any() for k in set(got) - set(eager))
         for k, v in eager.items():
             assert torch.equal(got[k], v), k
+        assert len(graphs) == 1
+    layers = llama.config.num_hidden_layers
+    assert _hidden_adds_and_norms(graphs[0], (*ids.shape, llama.config.hidden_size)) == (0, 2 * layers + 1)
+
+
+# --------------------------------------------------------------------------- the kernels hub convention
+
+@pytest.mark.parametrize("local_repository", [True, False], ids=["LocalLayerRepository", "in_process"])
+def test_kernelize_maps_transformers_norms_to_fusednorm(tmp_path, local_repository):
+    """kernels.kernelize with fusednorm's mapping (a local kernel repository written to tmp_path, or the
+    in-process one; nothing downloaded) replaces the forward of transformers' "RMSNorm" classes (LLaMA's),
+    its "RMSNormZeroCentered" ones (Qwen3.5's (1 + w)) and of a LayerNorm marked "LayerNorm": fusednorm's
+    kernels run (one call per norm), outputs and gradients match, Parameters and keys stay."""
+    pytest.importorskip("kernels")
+    from kernels import Mode, kernelize, replace_kernel_forward_from_hub, use_kernel_mapping
+    from test_integrations import OpCounter
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    from fusednorm.integrations.hub import kernel_mapping
+
+    class MarkedLayerNorm(nn.LayerNorm):  # marked here, not torch.nn.LayerNorm itself (global state)
+        pass
+
+    replace_kernel_forward_from_hub(MarkedLayerNorm, "LayerNorm")
+    original = nn.ModuleDict(dict(llama=tiny_llama(), gated=Qwen3_5RMSNorm(32), ln=MarkedLayerNorm(32)))
+    perturb_norms(original)
+    with torch.no_grad():
+        original["gated"].weight.normal_(0.0, 0.3)
+    model = copy.deepcopy(original)
+    keys = list(model.state_dict())
+    mapping = kernel_mapping(tmp_path / "fusednorm-kernel" if local_repository else None, devices=("cpu",))
+    with use_kernel_mapping(mapping, inherit_mapping=False):
+        kernelize(model, mode=Mode.TRAINING | Mode.TORCH_COMPILE, device="cpu")
+    kernelized = [m for m in model.modules() if "_kernel_repo" in m.__dict__]
+    assert len(kernelized) == 5 + 2 and list(model.state_dict()) == keys
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(0)) + 1
+    ids = token_ids()
+    with OpCounter() as counter:
+        got = [hidden(model["llama"](ids)), model["gated"](x), model["ln"](x)]
+    assert counter.norm_calls == 5 + 2
+    expected = [hidden(original["llama"](ids)), original["gated"](x), original["ln"](x)]
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    sum(y.square().sum() for y in got).backward()
+    sum(y.square().sum() for y in expected).backward()
+    for (name, p), q in zip(model.named_parameters(), original.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

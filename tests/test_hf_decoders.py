@@ -1,0 +1,302 @@
+"""fuse_model on LLaMA-family decoders: every residual add becomes one add_*_norm(prenorm=True) call.
+
+Tiny random-init models (2 layers, width 64; nothing downloaded). Per family: logits and every parameter
+gradient within the DESIGN section-6 bound against a float64 copy (HF's float32-only RMSNorm classes
+replaced by the formula in float64), float32 logits within 1e-4 (relative) of the unpatched model, and the
+residual adds on (B, T, hidden) tensors counted by a TorchDispatchMode drop by 2 per layer. Then what the
+model must keep doing: generate() with a KV cache, gradient checkpointing (non-reentrant and reentrant),
+torch.compile (tests/test_integrations_hf.py compiles the fused LLaMA with fullgraph=True),
+save_pretrained / from_pretrained, meta-device models; and the hand-off's fall-backs.
+
+``python tests/test_hf_decoders.py`` writes the per-family errors to benchmarks/results/hf_families.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusednorm
+from fusednorm import testing
+from fusednorm.integrations.handoff import take
+from fusednorm.integrations.huggingface import PatchReport, fuse_model
+
+pytest.importorskip("transformers")
+from _hf import FAMILIES, float64_reference, tiny_causal_lm, token_ids  # noqa: E402
+from test_integrations import OpCounter, assert_model_matches, outputs_and_grads  # noqa: E402
+
+FUSED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "mixtral", "starcoder2"]
+LAYERS, BATCH, SEQ, WIDTH = 2, 2, 7, 64
+
+
+def logits(output) -> torch.Tensor:
+    return output.logits
+
+
+def fused_copy(model, report: PatchReport | None = None):
+    fused = copy.deepcopy(model)
+    fuse_model(fused, report=report)
+    return fused
+
+
+def measure(family: str) -> dict:
+    """Everything the family test checks, as numbers (also written to benchmarks/results/hf_families.md)."""
+    original = tiny_causal_lm(family)
+    report = PatchReport()
+    fused = fused_copy(original, report)
+    ids = token_ids(BATCH, SEQ)
+    counts = []
+    for model in (original, fused):
+        with torch.no_grad(), OpCounter(add_shape=(BATCH, SEQ, WIDTH)) as counter:
+            model(ids)
+        counts.append(counter)
+    got = outputs_and_grads(fused, ids, out=logits)
+    own = outputs_and_grads(original, ids, out=logits)
+    ref = outputs_and_grads(float64_reference(original), ids, out=logits)
+    case = testing.Case("rms_norm", (1,), torch.float32)
+    section6 = {k: testing.compare(case, k, got[k], ref[k], own[k]) for k in ref}
+    rel = {k: float((got[k] - own[k]).abs().max() / own[k].abs().max().clamp_min(1e-30)) for k in own}
+    return dict(report=report, counts=counts, section6=section6, rel_logits=rel["out"],
+                rel_grad=max(v for k, v in rel.items() if k != "out"), keys=(list(original.state_dict()),
+                                                                            list(fused.state_dict())),
+                results=(got, ref, own))
+
+
+@pytest.mark.parametrize("family", FUSED)
+def test_fused_decoder_matches_the_original(family):
+    m = measure(family)
+    report = m["report"]
+    assert [r.name for r in report.fused] == [f"model.layers.{i}" for i in range(LAYERS)]
+    assert all("MLP add + model." in r.detail for r in report.fused), report
+    assert "MLP add + model.norm" in report.fused[-1].detail
+    assert m["keys"][0] == m["keys"][1]  # state_dict keys unchanged
+    before, after = m["counts"]
+    assert before.adds - after.adds == 2 * LAYERS and after.adds == 0
+    # one fusednorm call per norm module (layer 0's input norm alone, each other one fused with its add)
+    assert after.norm_calls == len(report.swapped)
+    assert_model_matches(*m["results"])
+    assert m["rel_logits"] <= 1e-4, m["rel_logits"]
+
+
+def test_olmo2_norms_after_the_branch_are_swapped_and_its_adds_left():
+    """OLMo-2 computes residual + norm(branch): no add is followed by a norm, so nothing fuses; the report
+    says why, and the swapped norms keep the outputs."""
+    m = measure("olmo2")
+    report = m["report"]
+    assert not report.fused and len(report.swapped) == 4 * LAYERS + 1
+    assert [r.name for r in report.left] == [f"model.layers.{i}" for i in range(LAYERS)]
+    assert all("norm after the branch" in r.detail for r in report.left)
+    assert_model_matches(*m["results"])
+
+
+def test_a_decoder_whose_forward_differs_is_left_by_the_probe():
+    """Granite's layer has LLaMA's children but scales each branch by residual_multiplier: the stub probe
+    sees another output and leaves it (with 1.0 it computes exactly LLaMA's layer and is fused)."""
+    pytest.importorskip("transformers.models.granite")
+    FAMILIES.setdefault("granite", ("GraniteConfig", "GraniteForCausalLM", {}))
+    report = PatchReport()
+    fuse_model(tiny_causal_lm("granite", residual_multiplier=0.5), report=report)
+    assert not report.fused and all("forward differs" in r.detail for r in report.left if "layers" in r.name)
+    report = PatchReport()
+    fuse_model(tiny_causal_lm("granite", residual_multiplier=1.0), report=report)
+    assert len(report.fused) == LAYERS
+
+
+def test_a_user_subclass_of_a_decoder_layer_is_left():
+    from transformers.models.llama import modeling_llama
+
+    class MyDecoderLayer(modeling_llama.LlamaDecoderLayer):
+        pass
+
+    model = tiny_causal_lm("llama")
+    model.model.layers[1].__class__ = MyDecoderLayer
+    report = PatchReport()
+    fuse_model(model, report=report)
+    assert [r.name for r in report.fused] == ["model.layers.0"]
+    assert "MLP add left" in report.fused[0].detail  # layer 1 is not fused, so layer 0 is not linked to it
+    assert [(r.name, "of your own" in r.detail) for r in report.left] == [("model.layers.1", True)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_generate_with_a_kv_cache_gives_the_same_tokens(family):
+    original = tiny_causal_lm(family)
+    fused = fused_copy(original)
+    ids = token_ids(2, 5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(fused.generate(ids, **kwargs), original.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """Non-reentrant (HF's default) recomputes a layer with the very input tensor and takes the same offer;
+    reentrant recomputes from a detached copy (no offer: the norm runs) -- both give the plain gradients."""
+    original = tiny_causal_lm("llama").train()
+    plain = fused_copy(original)
+    checkpointed = fused_copy(original)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = token_ids()
+    expected = outputs_and_grads(plain, ids, out=logits)
+    with OpCounter() as counter:
+        got = outputs_and_grads(checkpointed, ids, out=logits)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=k)
+    # Non-reentrant: the forward's 2L + 1 norm calls, and the same again when the backward recomputes the
+    # layers (layer 1's input norm takes the offer again). Reentrant: the checkpointed forward runs without
+    # grad, so the final norm (with grad) refuses the offer and runs: 2L + 2; the recomputation gets detached
+    # inputs (no offers): every input norm runs, 3 calls per layer.
+    expected_calls = 2 * (2 * LAYERS + 1) if not reentrant else (2 * LAYERS + 2) + 3 * LAYERS
+    assert counter.norm_calls == expected_calls
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    original = tiny_causal_lm("gemma")
+    fused = fused_copy(original)
+    fused.save_pretrained(tmp_path)
+    loaded = type(original).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert list(loaded.state_dict()) == list(fused.state_dict()) == list(original.state_dict())
+    ids = token_ids()
+    with torch.no_grad():
+        expected = fused(ids).logits
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+        assert torch.equal(fuse_model(loaded)(ids).logits, expected)
+
+
+def test_fuse_model_on_the_meta_device():
+    """A model built on the meta device (before its weights exist) is fused by structure and stub probes;
+    with the weights loaded it computes what the model built normally computes."""
+    meta = tiny_causal_lm("gemma2", device="meta")
+    report = PatchReport()
+    fuse_model(meta, report=report)
+    assert len(report.fused) == LAYERS and len(report.swapped) == 4 * LAYERS + 1 and not report.left
+    built = tiny_causal_lm("gemma2")
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(built.state_dict())
+    with torch.no_grad():
+        for name, buffer in built.named_buffers():  # non-persistent buffers (rotary frequencies, scales)
+            meta.get_buffer(name).copy_(buffer)
+        ids = token_ids()
+        torch.testing.assert_close(meta(ids).logits, built(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_decoder_on_interpreted_triton():
+    """The same model check with the Triton kernels (interpreted on the CPU), on the smallest shapes."""
+    fusednorm.set_backend("triton")
+    original = tiny_causal_lm("llama", hidden_size=32, intermediate_size=32, num_attention_heads=2,
+                              num_key_value_heads=1)
+    fused = fused_copy(original)
+    ids = token_ids(1, 4)
+    with OpCounter() as counter:
+        got = outputs_and_grads(fused, ids, out=logits)
+    assert counter.norm_calls == 2 * LAYERS + 1
+    assert_model_matches(got, outputs_and_grads(float64_reference(original), ids, out=logits),
+                         outputs_and_grads(original, ids, out=logits))
+
+
+# ------------------------------------------------------------------------------------ hand-off fall-backs
+
+def _scale_in_place(weight: torch.nn.Parameter) -> None:
+    with torch.no_grad():  # as an optimizer step does (not through .data, which has its own version counter)
+        weight.mul_(1.5)
+
+
+def _with_hooks(model, hook_layer0, pre_hook_layer1=None):
+    model.model.layers[0].register_forward_hook(hook_layer0)
+    if pre_hook_layer1 is not None:
+        model.model.layers[1].register_forward_pre_hook(pre_hook_layer1)
+    return model
+
+
+@pytest.mark.parametrize("case", ["in_place_output", "new_output", "weight_changed"])
+def test_the_next_norm_computes_itself_when_the_offer_does_not_hold(case):
+    """A hook that changes layer 0's output in place (version counter), one that returns a new tensor (no
+    offer on it), or a change of the next norm's weight in place between the layers: the next norm computes
+    from what it is given, as the unpatched model does; with no such hook the offer is taken."""
+    hooks = {
+        "in_place_output": (lambda m, a, out: out.add_(0.25), None),
+        "new_output": (lambda m, a, out: out * 1.5, None),
+        "weight_changed": (lambda m, a, out: None,
+                           lambda m, a: _scale_in_place(m.input_layernorm.weight)),
+    }[case]
+    original = tiny_causal_lm("llama")
+    fused, control = fused_copy(original), fused_copy(original)
+    ids = token_ids()
+    with torch.no_grad(), OpCounter() as counter:
+        got = _with_hooks(fused, *hooks)(ids).logits
+        expected = _with_hooks(original, *hooks)(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert counter.norm_calls == 2 * LAYERS + 2  # one more than fused: layer 1's input norm ran
+    with torch.no_grad(), OpCounter() as without_hooks:
+        control(ids)
+    assert without_hooks.norm_calls == 2 * LAYERS + 1
+
+
+def test_offers_follow_grad_mode_and_the_norm_they_name():
+    original = tiny_causal_lm("llama")
+    fused = fused_copy(original)
+    layer0, layer1 = fused.model.layers
+    h = torch.randn(BATCH, SEQ, WIDTH)
+    kwargs = dict(position_embeddings=fused.model.rotary_emb(h, torch.arange(SEQ)[None]))
+    with torch.no_grad():
+        out = layer0(h, **kwargs)
+    assert take(fused.model.norm, out) is None  # offered to layer 1's input norm, not to the final norm
+    assert take(layer1.input_layernorm, out) is None  # made without grad, taken with grad: refused
+    with torch.no_grad():
+        assert take(layer1.input_layernorm, out) is not None
+        assert take(layer1.input_layernorm, out) is None  # taken once without grad, then dropped
+
+
+def test_a_weight_that_is_not_a_parameter_is_not_used_by_another_layer():
+    """FSDP swaps a layer's parameters for plain tensors while it runs; another layer must not compute with
+    them (its gradient would arrive after FSDP reduced that layer's gradients): no offer is made."""
+    original = tiny_causal_lm("llama")
+    fused = fused_copy(original)
+    norm = fused.model.norm
+    weight = norm._parameters.pop("weight")
+    norm.weight = weight.detach().clone()
+    ids = token_ids()
+    with torch.no_grad(), OpCounter(add_shape=(BATCH, SEQ, WIDTH)) as counter:
+        got = fused(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(got, original(ids).logits, rtol=1e-5, atol=1e-6)
+    assert counter.adds == 1  # layer 1's MLP add, unfused; the final norm ran on its own
+
+
+# ------------------------------------------------------------------------------- the per-family table
+
+def write_table(path: Path) -> None:
+    """benchmarks/results/hf_families.md: what fuse_model does to each family and the errors it leaves."""
+    lines = ["# fuse_model on tiny Hugging Face models: what is swapped and fused, and the errors", "",
+             f"transformers {__import__('transformers').__version__}, torch {torch.__version__}, CPU, torch backend; "
+             f"{LAYERS} layers, width {WIDTH}, batch {BATCH} x {SEQ} tokens, float32, random init with perturbed "
+             "norm weights. Errors: max |fused - x| / max |x|; vs float64: max abs error of the fused model / of "
+             "the unpatched float32 model against the float64 reference (DESIGN section 6 bound: 2x the latter "
+             "+ atol). Written by `python tests/test_hf_decoders.py`.", "",
+             "| family | swapped | fused | adds on (B,T,H) before -> after | logits vs unpatched | "
+             "worst grad vs unpatched | logits vs f64: fused / torch | worst grad vs f64: fused / torch | "
+             "section 6 |", "|" + " --- |" * 9]
+    for family in FUSED + ["olmo2"]:
+        m = measure(family)
+        report, (before, after), s6 = m["report"], m["counts"], m["section6"]
+        grads = [c for k, c in s6.items() if k != "out"]
+        worst = max(grads, key=lambda c: c.error / max(c.torch_error, 1e-30))
+        classes = sorted({r.cls for r in report.swapped})
+        lines.append(
+            f"| {family} | {len(report.swapped)} ({', '.join(classes)}) | {len(report.fused)} layers, "
+            f"{2 * len(report.fused)} adds | {before.adds} -> {after.adds} | {m['rel_logits']:.1e} | "
+            f"{m['rel_grad']:.1e} | {s6['out'].error:.1e} / {s6['out'].torch_error:.1e} | "
+            f"{worst.error:.1e} / {worst.torch_error:.1e} | {'pass' if all(c.ok for c in s6.values()) else 'FAIL'} |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    write_table(Path(__file__).parents[1] / "benchmarks" / "results" / "hf_families.md")
+    sys.exit(0 if math.isfinite(0.0) else 1)
