@@ -134,15 +134,30 @@ def fused_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
 _FUSED_CLASSES: dict[type, type] = {}
 
 
+def _reduce_ex(self, protocol):
+    """Pickle and copy a fused layer as (its original class, its state): the subclass is made at run time."""
+    return _rebuild_fused, (self._fusednorm_original_class,), self.__getstate__()
+
+
+def _rebuild_fused(original_class: type) -> nn.Module:
+    cls = _fused_class(original_class)
+    return cls.__new__(cls)
+
+
 def _fused_class(cls: type) -> type:
     """The subclass of ``cls`` whose forward is fused_forward (HF's GradientCheckpointingLayer wraps it in
     __init_subclass__, as it wraps every layer's forward); same name, so name-based lookups still match."""
     if cls not in _FUSED_CLASSES:
         _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {
             "forward": fused_forward, "__module__": __name__, "__qualname__": f"Fused.{cls.__qualname__}",
-            "_fusednorm_original_class": cls,
+            "_fusednorm_original_class": cls, "__reduce_ex__": _reduce_ex,
         })
     return _FUSED_CLASSES[cls]
+
+
+def original_class(module: nn.Module) -> type:
+    """The class a fused layer was made from (its own class for any other module)."""
+    return getattr(type(module), "_fusednorm_original_class", type(module))
 
 
 # ----------------------------------------------------------------------------------- behaviour probe
@@ -187,7 +202,7 @@ def probe_shape(layer: nn.Module, shape: DecoderShape) -> str:
     n = _hidden_size(layer, shape)
     if n is None:
         return "hidden size unknown"
-    cls = getattr(type(layer), "_fusednorm_original_class", type(layer))
+    cls = original_class(layer)
     plan = Plan(shape, cls.forward)
     sentinels = {name: object() for name in plan.defaults}
     if plan.has_var_kwargs:
@@ -222,7 +237,7 @@ def match_shape(layer: nn.Module) -> tuple[DecoderShape | None, str]:
     candidates = [s for s in SHAPES if s.children() == children]
     if not candidates:
         return None, "not a LLaMA-family decoder layer (children)"
-    if not is_library_class(layer):
+    if not is_library_class(original_class(layer)):
         return None, "a class of your own (only transformers' decoder layers are patched)"
     if layer._parameters or layer._buffers:
         return None, "has parameters or buffers of its own"
@@ -236,7 +251,7 @@ def match_shape(layer: nn.Module) -> tuple[DecoderShape | None, str]:
 
 def patch_decoder_layer(layer: nn.Module, shape: DecoderShape) -> None:
     """Make ``layer`` a fused layer of ``shape`` (its class, in place), its norms consumers of offers."""
-    cls = getattr(type(layer), "_fusednorm_original_class", type(layer))
+    cls = original_class(layer)
     layer.__dict__["_fusednorm_plan"] = Plan(shape, cls.forward)
     layer.__class__ = _fused_class(cls)
     as_consumer(getattr(layer, shape.in_norm))

@@ -112,9 +112,10 @@ def forward_arity(module: nn.Module) -> int | None:
         return None
 
 
-def is_library_class(module: nn.Module) -> bool:
-    """A class of Hugging Face transformers or of a model's remote code (``transformers_modules``)."""
-    return type(module).__module__.split(".")[0] in ("transformers", "transformers_modules")
+def is_library_class(module: nn.Module | type) -> bool:
+    """A class (of a module) of Hugging Face transformers or of a model's remote code (``transformers_modules``)."""
+    cls = module if isinstance(module, type) else type(module)
+    return cls.__module__.split(".")[0] in ("transformers", "transformers_modules")
 
 
 def private_copy(module: nn.Module) -> nn.Module:
