@@ -150,6 +150,20 @@ def test_bert_admin_residual_scale():
         assert torch.all(admin.get_parameter(r.name + ".residual_scale") == r.omega)
 
 
+def test_fuse_model_reports_and_logs_one_line(caplog):
+    import logging
+
+    report = PatchReport()
+    with caplog.at_level(logging.INFO, logger="fusednorm"):
+        fuse_model(tiny_bert(), report=report)
+    (line,) = [r for r in caplog.records if r.name == "fusednorm"]
+    assert line.levelno == logging.INFO
+    assert line.getMessage() == ("fusednorm fuse_model(BertModel): swapped 1 (1 LayerNorm); "
+                                 "fused 4 (2 BertOutput, 2 BertSelfOutput)")
+    assert sorted(r.name for r in report.fused) == [f"encoder.layer.{i}.{part}" for i in range(2)
+                                                    for part in ("attention.output", "output")]
+
+
 def test_bert_patch_leaves_other_blocks_alone():
     """A block with the same children but another computation (no residual add) is not patched."""
 

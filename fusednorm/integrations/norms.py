@@ -287,8 +287,7 @@ def swap_norms(model: nn.Module, report: PatchReport) -> nn.Module:
         for child_name, child in list(module._modules.items()):
             if child is not None and (twin := visit(child, f"{name}.{child_name}" if name else child_name)) is not None:
                 module._modules[child_name] = twin
-        if isinstance(module, _DROP_INS):
-            twins[id(module)] = (None, "")
+        if type(module).__module__.split(".")[0] == "fusednorm":  # ours already (drop-ins, fused blocks)
             return None
         twin, why = _twin_or_reason(module) if _looks_like_a_norm(module) or is_library_class(module) else (None, "")
         twins[id(module)] = (twin, why)
