@@ -106,6 +106,26 @@ def test_a_decoder_whose_forward_differs_is_left_by_the_probe():
     assert len(report.fused) == LAYERS
 
 
+def test_a_layer_called_with_the_deprecated_past_key_values_updates_the_cache():
+    """transformers 5 renames a layer's ``past_key_values`` argument to ``cache`` (deprecate_kwarg on the
+    forward); the fused forward does the same, so the attention still writes the KV cache."""
+    from transformers import DynamicCache
+
+    original = tiny_causal_lm("llama")
+    fused = fused_copy(original)
+    h = torch.randn(1, 4, WIDTH, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(4)[None]
+    outputs = []
+    for model in (original, fused):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            y = model.model.layers[0](h, position_embeddings=model.model.rotary_emb(h, positions),
+                                      position_ids=positions, past_key_values=cache, use_cache=True)
+        outputs.append((y, cache.get_seq_length()))
+    assert outputs[0][1] == outputs[1][1] == 4
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-6, atol=1e-6)
+
+
 def test_a_user_subclass_of_a_decoder_layer_is_left():
     from transformers.models.llama import modeling_llama
 

@@ -69,8 +69,9 @@ class Plan:
         self.shape = shape
         params = list(inspect.signature(forward).parameters.values())[2:]  # after self, hidden_states
         named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        self.names = [p.name for p in named]
         self.positional = [p.name for p in named if p.kind == p.POSITIONAL_OR_KEYWORD]
-        self.defaults = {p.name: p.default for p in named}
+        self.defaults = {p.name: p.default for p in named if p.default is not p.empty}
         self.has_var_kwargs = any(p.kind == p.VAR_KEYWORD for p in params)
         self.next_norm: nn.Module | None = None
         self.next_owner: nn.Module | None = None
@@ -80,10 +81,13 @@ class Plan:
             raise TypeError(f"forward() takes {len(self.positional) + 2} positional arguments, got {len(args) + 2}")
         out = dict(self.defaults)
         out.update(zip(self.positional, args, strict=False))
-        if "past_key_values" in kwargs and "cache" in self.defaults and "past_key_values" not in self.defaults:
+        if "past_key_values" in kwargs and "cache" in self.names and "past_key_values" not in self.names:
             kwargs = dict(kwargs)  # HF 5's deprecate_kwarg("past_key_values", new_name="cache") on the forward
             kwargs.setdefault("cache", kwargs.pop("past_key_values"))
         out.update(kwargs)
+        missing = [name for name in self.names if name not in out]
+        if missing:
+            raise TypeError(f"forward() missing required arguments: {missing}")
         return out
 
 
@@ -204,7 +208,7 @@ def probe_shape(layer: nn.Module, shape: DecoderShape) -> str:
         return "hidden size unknown"
     cls = original_class(layer)
     plan = Plan(shape, cls.forward)
-    sentinels = {name: object() for name in plan.defaults}
+    sentinels = {name: object() for name in plan.names}
     if plan.has_var_kwargs:
         sentinels["fusednorm_probe_kwarg"] = object()
     h = torch.randn(2, 3, n, generator=torch.Generator().manual_seed(0))
