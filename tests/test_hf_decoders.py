@@ -360,6 +360,50 @@ def test_a_weight_that_is_not_a_parameter_is_not_used_by_another_layer():
     assert counter.adds == 1  # layer 1's MLP add, unfused; the final norm ran on its own
 
 
+def _fsdp2_worker(rank: int) -> list:
+    """On each of 2 gloo ranks: fused LLaMA under FSDP2, (a) every decoder layer and the root sharded, (b) the
+    root only; one step on half of the batch each; returns (offers made, worst gradient error) per case."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from fusednorm.integrations import decoder
+
+    original = tiny_causal_lm("llama")
+    ids = token_ids(4, SEQ)
+    g = torch.randn(4, SEQ, original.config.vocab_size, generator=torch.Generator().manual_seed(5))
+    expected = fused_copy(original)
+    (logits(expected(ids)) * g).sum().backward()
+    offers: list = []
+    offer = decoder.offer
+    decoder.offer = lambda h, norm, y: (offers.append(1), offer(h, norm, y))[1]
+    mesh = init_device_mesh("cpu", (2,))
+    results = []
+    for per_layer in (True, False):
+        model = fused_copy(original)
+        for layer in model.model.layers if per_layer else ():
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        offers.clear()
+        half = slice(2 * rank, 2 * rank + 2)
+        (logits(model(ids[half])) * g[half]).sum().backward()
+        errors = [float((p.grad.full_tensor() * 2 - q.grad).abs().max() / q.grad.abs().max())
+                  for p, q in zip(model.parameters(), expected.parameters(), strict=True)]
+        results.append((len(offers), max(errors)))
+    return results
+
+
+def test_fsdp2_gradients_equal_single_process_and_no_weight_crosses_layers(tmp_path):
+    """FSDP2 with every decoder layer sharded (and the root), or the root only: a layer never computes with
+    another module's FSDP-managed weight (a sharded DTensor before that module's pre-forward; its gradient
+    would come after that unit's reduce-scatter), so no offer is made; each layer's attention add stays
+    fused; the gradients equal single-process ones."""
+    from _gloo import run_on_ranks
+
+    for rank_results in run_on_ranks(_fsdp2_worker, (), tmp_path):
+        for offers, error in rank_results:
+            assert offers == 0 and error < 1e-5
+
+
 # ------------------------------------------------------------------------------- the per-family table
 
 def write_table(path: Path) -> None:

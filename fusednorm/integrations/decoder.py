@@ -124,7 +124,7 @@ def fused_forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
 
     def last_add(x: Tensor, residual: Tensor) -> Tensor:
         norm = plan.next_norm
-        if norm is not None and weight_is_local(norm, x, plan.next_owner):
+        if norm is not None and weight_is_local(norm, x, self, plan.next_owner):
             fused = fused_add_norm(norm, x, residual)
             if fused is not None:
                 y, h = fused

@@ -110,13 +110,20 @@ def can_fuse(norm: nn.Module | None) -> bool:
         isinstance(norm, HFRMSNorm) or len(norm.normalized_shape) == 1)
 
 
-def weight_is_local(norm: nn.Module, x: Tensor, owner: nn.Module) -> bool:
-    """Whether a layer may compute with ``norm``'s weight although ``owner`` (another layer) owns it: a plain
-    Parameter on x's device, not sharded (DTensor) and not managed by FSDP (FSDP unshards a layer's
-    parameters in that layer's own pre-forward and reduces its gradients in its own post-backward)."""
+def _fsdp_managed(module: nn.Module) -> bool:
+    """A module FSDP manages: FSDP1 and FSDP2 (fully_shard) mark every module of their units for Dynamo."""
+    return isinstance(module, FSDPModule) or getattr(module, "_is_fsdp_managed_module", False) is True
+
+
+def weight_is_local(norm: nn.Module, x: Tensor, layer: nn.Module, owner: nn.Module) -> bool:
+    """Whether ``layer`` may compute with the weight of ``norm``, which ``owner`` (another module) holds: a
+    plain Parameter of x's width on x's device (not a DTensor shard, not FSDP1's flat-parameter view, not
+    an offloaded weight), and neither module under FSDP (FSDP unshards a unit's parameters in its own
+    pre-forward, frees them after, and reduces their gradients in its own post-backward, which a gradient
+    computed in another layer's backward would miss). Under FSDP each layer keeps its own fused add only."""
     w = norm.weight
     return (isinstance(w, nn.Parameter) and not isinstance(w, DTensor) and w.device == x.device
-            and not isinstance(owner, FSDPModule))
+            and w.shape == x.shape[-1:] and not _fsdp_managed(layer) and not _fsdp_managed(owner))
 
 
 def fused_add_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor] | None:
