@@ -164,6 +164,25 @@ def test_fuse_model_reports_and_logs_one_line(caplog):
                                                     for part in ("attention.output", "output")]
 
 
+def test_bert_on_the_meta_device_is_fused_and_loads_its_weights():
+    """Blocks of a model built before its weights exist are probed on a CPU copy with random weights."""
+    built = tiny_bert().eval()
+    with torch.device("meta"):
+        meta = BertModel(built.config)
+    report = PatchReport()
+    fuse_model(meta, report=report)
+    assert len(report.fused) == 4 and [r.name for r in report.swapped] == ["embeddings.LayerNorm"]
+    meta.to_empty(device="cpu")
+    meta.load_state_dict(built.state_dict())
+    with torch.no_grad():
+        for name, buffer in built.named_buffers():  # non-persistent buffers (position ids)
+            meta.get_buffer(name).copy_(buffer)
+    meta.eval()
+    ids = token_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(hidden(meta(ids)), hidden(built(ids)), rtol=1e-5, atol=1e-5)
+
+
 def test_bert_patch_leaves_other_blocks_alone():
     """A block with the same children but another computation (no residual add) is not patched."""
 
