@@ -4,7 +4,7 @@ See README.md for usage and DESIGN.md for the math and the contract.
 """
 
 from . import models, ops  # noqa: F401  (ops registers torch.ops.fusednorm.*; models: reference encoders)
-from .admin import admin_init, deepnorm_constants, deepnorm_init_
+from .admin import admin_init, deepnorm_constants
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .functional import (
     AddLayerNormFunction,
@@ -16,6 +16,7 @@ from .functional import (
     layer_norm,
     rms_norm,
 )
+from .models import deepnorm_init_
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm, replace_norms
 
 __version__ = "0.1.0"

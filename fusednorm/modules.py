@@ -13,8 +13,6 @@ from torch import Tensor, nn
 from . import _validate
 from . import functional as F
 
-_SCALE_KINDS = (None, "scalar", "vector")
-
 
 def _flat(p: Tensor | None) -> Tensor | None:
     return p.reshape(-1) if p is not None else None
