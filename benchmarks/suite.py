@@ -266,6 +266,7 @@ def _rows_without_figure(impls: Sequence[Impl], directions: Sequence[str], statu
 
 def run(args, command: str) -> dict:
     """Run the whole matrix that ``args`` selects; returns the report (meta, copy, impls, rows)."""
+    cases = [floor.case_by_label(n) for n in args.ops] if args.ops else list(floor.CASES)  # before measuring
     if args.smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
@@ -300,7 +301,6 @@ def run(args, command: str) -> dict:
     for impl in impls:
         reason = availability[impl.name]
         print(f"== {impl.name:18s} {'available' if reason is None else 'UNAVAILABLE: ' + reason}", flush=True)
-    cases = [floor.case_by_label(n) for n in args.ops] if args.ops else list(floor.CASES)
     l2 = l2_cache_bytes(device)
     budget = Budget(args.time_budget)
     rows: list[Row] = []
