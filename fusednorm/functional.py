@@ -2,8 +2,9 @@
 
 Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
 dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
-``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the parameters the
-backward reads; per-row float32 mean/rstd; the dropout seed), never a dropout mask.
+``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the residual beside h
+for a learned scale in the Pre-LN layout; the parameters the backward reads; per-row float32
+mean/rstd; the dropout seed), never a dropout mask.
 """
 
 from __future__ import annotations
