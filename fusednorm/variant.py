@@ -198,7 +198,7 @@ class Variant:
             dtype = self.h_dtype(x_dtype)
         else:
             dtype = x_dtype
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
 
     # -- the Triton kernels' constexpr flags (fusednorm/triton/) -------------------------------------
 
