@@ -17,14 +17,19 @@ so any placement of the rows works locally. Per mesh dimension:
   and dresidual get it too; dweight, dbias and dscale are ``Partial("sum")`` on every mesh dimension
   where the rows are sharded (each rank summed its own rows), Replicate elsewhere.
 
+The rules are one exact strategy per call, registered with DTensor's op-strategy mechanism (what
+torch registers its own ops with). The experimental ``register_sharding`` expands one candidate list
+over every mesh dimension and picks the cheapest: slicing a Replicate input is free, so it could shard
+an output that x left replicated; one exact strategy keeps x's placement.
+
 Rejected with a ValueError, rather than gathered behind the user's back: x sharded along the normalized
 (last) dimension, a Partial x or residual (reduce it first, e.g. RowwiseParallel(output_layouts=
 Shard(1))), a residual sharded unlike x, and dropout (each rank would draw the same mask for its own
 rows). Parameters that are not Replicate are made Replicate by DTensor (an all-gather of N values).
 
 Parameter gradients: DTensor leaves them Partial, as it does for torch.nn.LayerNorm. ``SequenceParallel``
-below reduces them when they are accumulated, so that every rank holds the full-batch gradient; under
-FSDP2 (fully_shard after parallelize_module) FSDP2 reduces them itself.
+below reduces them when they are accumulated, so that every rank holds the full-batch gradient. (FSDP2
+redistributes a DTensor gradient to its parameter's placement itself; FSDP2 + TP is not tested here.)
 """
 
 from __future__ import annotations

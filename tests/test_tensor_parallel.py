@@ -97,7 +97,7 @@ def _check_sequence_parallel(rank, mesh, label, module, x, residual):
     x_local = x[:, rows].clone().requires_grad_()
     residual_local = residual[:, rows].clone().requires_grad_()
     with CommDebugMode() as forward_comms:
-        outs = _outputs(sp(x_local, residual_local))
+        outs = _outputs(sp(x_local, residual=residual_local))  # by keyword: the style shards it too
     assert forward_comms.get_total_counts() == 0, f"{label}: forward communicated {forward_comms.get_comm_counts()}"
     for i, (out, ref) in enumerate(zip(outs, ref_outs, strict=True)):
         assert isinstance(out, DTensor) and out.placements == (Shard(1),), f"{label}: output {i} is {out!r:.80}"
