@@ -1,16 +1,18 @@
-"""Tensor and sequence parallelism (DTensor) with fusednorm, on two gloo ranks, on every available backend.
+"""Tensor and sequence parallelism (DTensor) with fusednorm, on two gloo ranks.
 
 - Sequence-parallel Add*Norms (fusednorm.distributed.SequenceParallel, x and residual Shard(1)): y, h and
   the gradients of x and the residual equal the single-process run on the whole batch bit for bit (a
   row's results do not depend on the rows around it); the gradients of weight, bias and residual_scale are
   all-reduced Replicate DTensors equal to the single-process ones to float32 reduction-order tolerance.
   The forward moves nothing, the backward only all-reduces the parameter gradients (CommDebugMode).
-- Plain DTensor calls (sharded on the batch, or unevenly on the sequence) and torch's own SequenceParallel
-  on a one-input norm: the same results, the parameter gradients Partial until reduced.
-- Shardings that would need the activations gathered are refused with fusednorm's message.
 - README's tensor-parallel recipe, executed from README.md as written: its two-block Pre-LN model with
   ColwiseParallel/RowwiseParallel linears and SequenceParallel norms trains one AdamW step to the
   parameters of one process.
+  These two on every available backend (torch, and triton interpreted); the next ones, DTensor plumbing
+  that is the same for every backend, on the torch backend:
+- Plain DTensor calls (sharded on the batch, or unevenly on the sequence) and torch's own SequenceParallel
+  on a one-input norm: the same results, the parameter gradients Partial until reduced.
+- Shardings that would need the activations gathered are refused with fusednorm's message.
 """
 
 from __future__ import annotations
@@ -224,7 +226,10 @@ def _check_recipe(mesh, recipe, label):
 
 
 def _all_checks(rank: int, backends: list[str]) -> None:
-    """One start of the processes for every check and backend: starting them is the slow part."""
+    """One start of the processes for every check and backend: starting them is the slow part. The
+    sequence-parallel Add*Norms and the recipe run on every backend; the other checks exercise only
+    the DTensor plumbing, which is the same for every backend, so they run on the torch backend alone
+    (each interpreted Triton launch costs ~0.1 s)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
@@ -234,23 +239,24 @@ def _all_checks(rank: int, backends: list[str]) -> None:
     exec(code, {"__name__": "__main__"})  # the script as a user runs it: one step, prints the loss
     recipe = {"__name__": "readme_recipe"}
     exec(code, recipe)
-    _check_refusals(mesh)
-    # Plain DTensor calls: the batch (4 on 2 ranks), and the sequence unevenly (5 on 2 ranks).
-    plain = {"add_layer_norm[vector,prenorm]": Shard(0), "add_rms_norm[scalar]": Shard(1)}
     for backend in backends:
         fusednorm.set_backend(backend)
         for name, (cls, kwargs, dtype) in CASES.items():
             module, (x, residual) = _module(cls, kwargs), _inputs(dtype)
             _check_sequence_parallel(rank, mesh, f"[{backend}] {name} SequenceParallel", module, x, residual)
-            if name in plain:
-                _check_plain_dtensors(mesh, f"[{backend}] {name} {plain[name]}", module,
-                                      *_inputs(dtype, batch=4, seq=5), plain[name])
-        _check_torch_sequence_parallel(rank, mesh, f"[{backend}] layer_norm torch SequenceParallel")
-        _check_h_only(mesh, f"[{backend}] add_rms_norm[prenorm] h only")
         _check_recipe(mesh, recipe, f"[{backend}] README recipe")
+    fusednorm.set_backend("torch")
+    # Plain DTensor calls: the batch (4 on 2 ranks), and the sequence unevenly (5 on 2 ranks).
+    for name, placement in (("add_layer_norm[vector,prenorm]", Shard(0)), ("add_rms_norm[scalar]", Shard(1))):
+        cls, kwargs, dtype = CASES[name]
+        _check_plain_dtensors(mesh, f"{name} {placement}", _module(cls, kwargs), *_inputs(dtype, batch=4, seq=5),
+                              placement)
+    _check_torch_sequence_parallel(rank, mesh, "layer_norm torch SequenceParallel")
+    _check_h_only(mesh, "add_rms_norm[prenorm] h only")
+    _check_refusals(mesh)
 
 
 def test_tensor_and_sequence_parallel_equal_single_process(tmp_path):
-    """Two gloo ranks, both backends, one start (the failure message names the case): sequence-parallel and
+    """Two gloo ranks, one start (the failure message names the case and backend): sequence-parallel and
     plain-DTensor Add*Norms, refused shardings, and README's TP + SP recipe (run from README.md)."""
     run_on_ranks(_all_checks, (BACKENDS,), tmp_path, world=WORLD)
