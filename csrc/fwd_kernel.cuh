@@ -4,7 +4,7 @@
 //   LayerNorm: mean = sum(h) / N;  rstd = 1 / sqrt(sum((h - mean)^2) / N + eps)   (two passes over
 //              registers: never E[h^2] - E[h]^2, which cancels when |mean| >> std)
 //   RMSNorm:   rstd = 1 / sqrt(sum(h^2) / N + eps)
-//   y = (h - mean) * rstd * weight + bias
+//   y = (h - mean) * rstd * (weight + weight_offset) + bias
 //
 // One row group (blockDim.x threads, threadIdx.y selects the row) per row; each thread holds
 // kFwdGroups 128-bit groups of the row. Rows wider than the registers (LaunchConfig::row_fits false)
@@ -33,6 +33,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
   const C dropout_scale = static_cast<C>(p.dropout_scale);
   const uint64_t seed = V::kHasDropout ? static_cast<uint64_t>(*p.seed) : 0;
   const C eps = static_cast<C>(p.eps);
+  const C weight_offset = static_cast<C>(p.weight_offset);
   const Operand<T> weight{p.weight, 0, V::weight_f32(p)};
   const Operand<T> bias{p.bias, 0, V::bias_f32(p)};
   const OutOperand<T> h_out{p.h, cols, h_f32};
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
           C w[G];
           weight.template load<G>(0, col, cols, p.vectorized, w);
 #pragma unroll
-          for (int i = 0; i < G; ++i) y[i] *= w[i];
+          for (int i = 0; i < G; ++i) y[i] *= w[i] + weight_offset;
         }
         if (V::has_bias(p)) {
           C b[G];
@@ -135,13 +136,14 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
 
 #ifdef __CUDACC__  // the launchers (the CPU emulation launches the kernels itself)
 // Runtime -> template dispatch of the static flags (IS_RMS, HAS_RESIDUAL, HAS_DROPOUT): 4 x dtype
-// * 8 forward kernels. SCALE_KIND, STORE_H, HAS_WEIGHT, HAS_BIAS and the residual/h/parameter dtypes
-// stay kRuntime: each costs one uniform branch per 128-bit group in a memory-bound loop, while making
-// them static would multiply the instantiations by 4 * 2 * 2 * 2 * 8 (compile time).
+// * 8 forward kernels. STORE_H (kRuntime here), SCALE_KIND, HAS_WEIGHT, HAS_BIAS and the
+// residual/h/parameter dtypes are read from the params: each costs one uniform branch per 128-bit
+// group in a memory-bound loop, while making them static would multiply the instantiations by
+// 2 * 4 * 2 * 2 * 8 (compile time).
 template <typename V>
 cudaError_t run_fwd(FwdParams& p, cudaStream_t stream) {
   const auto kernel = fwd_kernel<V>;
-  LaunchConfig cfg = choose_block(p.cols, sizeof(typename V::T), /*backward=*/false);
+  LaunchConfig cfg = p.launch;  // the block shape (host.h); the grid depends on the occupancy
   int blocks_per_sm = 1;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &blocks_per_sm, kernel, cfg.threads_per_row * cfg.rows_per_block, 0);
@@ -157,7 +159,7 @@ cudaError_t launch_fwd(FwdParams& p, cudaStream_t stream) {
   return FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     return FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       return FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        return run_fwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT>>(p, stream);
+        return run_fwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, kRuntime>>(p, stream);
       });
     });
   });

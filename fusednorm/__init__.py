@@ -4,7 +4,7 @@ See README.md for usage and DESIGN.md for the math and the contract.
 """
 
 from . import models, ops  # noqa: F401  (ops registers torch.ops.fusednorm.*; models: reference encoders)
-from .admin import admin_init, deepnorm_constants, deepnorm_init_
+from .admin import admin_init, deepnorm_constants
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .functional import (
     AddLayerNormFunction,
@@ -17,6 +17,7 @@ from .functional import (
     rms_norm,
 )
 from .integrations.norms import replace_norms
+from .models import deepnorm_init_
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
 
 __version__ = "0.1.0"

@@ -40,7 +40,8 @@ Without a batch (``run_forward=None``) the closed form of admin-torch (``calcula
 
 DeepNorm: ``x_{i} = LN(alpha * x_{i-1} + f_i(x_{i-1}))`` with a constant alpha (an ``AddLayerNorm`` with
 ``residual_scale=alpha``) and the branch weights (FFN, attention value and output projections; not
-queries/keys) initialised with Xavier-normal gain beta. See :func:`deepnorm_constants`.
+queries/keys) initialised with Xavier-normal gain beta. See :func:`deepnorm_constants`; the re-initialisation of
+the reference encoder's weights, ``deepnorm_init_``, lives with that encoder in ``fusednorm.models``.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ from torch import Tensor, nn
 
 from .modules import AddLayerNorm, AddRMSNorm
 
-__all__ = ["AdminRecord", "admin_closed_form", "admin_init", "deepnorm_constants", "deepnorm_init_",
-           "learned_scale_modules"]
+__all__ = ["AdminRecord", "admin_closed_form", "admin_init", "deepnorm_constants", "learned_scale_modules"]
 
 
 class AdminRecord(NamedTuple):
@@ -208,33 +208,3 @@ def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> dict
     if n:
         return {"encoder": ((2 * n) ** 0.25, (8 * n) ** -0.25)}
     return {"decoder": ((2 * m) ** 0.25, (8 * m) ** -0.25)}
-
-
-def deepnorm_init_(model: nn.Module, beta: float) -> list[str]:
-    """Re-initialise the branch weights of every fusednorm.models layer in ``model`` with Xavier-normal gain beta.
-
-    Branch weights are those each layer lists in ``deepnorm_branch_linears()`` (FFN in/out, attention value
-    and output projections); the query/key projections (``deepnorm_other_linears()``) get gain 1, as in the
-    DeepNet paper. Biases are zeroed.
-    Returns the qualified names of the weights set to gain beta.
-    """
-    from .models import EncoderLayer  # models imports admin-free modules only; avoid a cycle at import time
-
-    names: list[str] = []
-    with torch.no_grad():
-        for lname, layer in model.named_modules():
-            if not isinstance(layer, EncoderLayer):
-                continue
-            for pname, lin in layer.deepnorm_branch_linears():
-                nn.init.xavier_normal_(lin.weight, gain=beta)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-                names.append(f"{lname}.{pname}.weight" if lname else f"{pname}.weight")
-            for _, lin in layer.deepnorm_other_linears():
-                nn.init.xavier_normal_(lin.weight, gain=1.0)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-    if not names:
-        warnings.warn(f"deepnorm_init_ found no fusednorm.models layer in {type(model).__name__}: nothing was "
-                      "initialised", stacklevel=2)
-    return names

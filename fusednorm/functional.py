@@ -2,11 +2,14 @@
 
 Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
 dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
-``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the parameters the
-backward reads; per-row float32 mean/rstd; the dropout seed), never a dropout mask.
+``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the residual beside h
+for a learned scale in the Pre-LN layout; the parameters the backward reads; per-row float32
+mean/rstd; the dropout seed), never a dropout mask.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import Tensor
@@ -42,6 +45,8 @@ def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
 def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
                   residual_in_fp32, weight_offset, backend: str | None):
+    if type(x) is not Tensor and not torch.compiler.is_compiling():
+        _register_dtensor_rules(x)
     _validate.check_input(x)
     _validate.check_residual(residual, x)
     _validate.check_param("weight", weight, x)
@@ -82,6 +87,16 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     return y
 
 
+def _register_dtensor_rules(x) -> None:
+    """DTensors reach the custom ops through sharding rules (fusednorm.distributed), registered at the
+    first DTensor call so that ``import fusednorm`` never imports torch.distributed."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
+        from . import distributed
+
+        distributed.register_sharding_rules()
+
+
 def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
     """An (M, N) result in x's shape, returned as a tensor of its own rather than an autograd view of a
     tensor made in the forward: autograd forbids in-place changes of such views, while callers may
@@ -96,8 +111,9 @@ def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[
     variant: Variant = meta["variant"]
     saved = dict(zip(variant.saved, ctx.saved_tensors, strict=True))
     shape = meta["x_shape"]
-    if dy is None:
-        dy = torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device)
+    if dy is None:  # only h got a gradient; zeros_like keeps dh_in's DTensor placement, if it has one
+        dy = (torch.zeros_like(dh_in, dtype=meta["x_dtype"]) if dh_in is not None
+              else torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device))
     args = BackwardArgs(
         dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
         dh_in=_rows(dh_in) if dh_in is not None else None, x=saved.get("x"), residual=saved.get("residual"),

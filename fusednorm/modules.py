@@ -23,8 +23,6 @@ from torch import Tensor, nn
 from . import _validate
 from . import functional as F
 
-_SCALE_KINDS = (None, "scalar", "vector")
-
 # Device types whose autocast puts layer_norm and rms_norm on the fp32 list (torch's
 # testing/_internal/autocast_test_lists.py: AutocastTestLists.torch_fp32 is CUDA's; the CPU lists do
 # not name them, so CPU autocast runs them in the input's dtype).

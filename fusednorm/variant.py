@@ -5,7 +5,7 @@ what the forward stores) applied to tensors of some dtype. Everything that depen
 variant is a property here, written once, and read by every layer: the op layer and the autograd
 Functions (what is saved), every backend (what is stored, read and written), the tests (the variant
 matrix, the byte table), the compile report and the benchmarks. The C++ side mirrors the flag word
-and the derived facts once, in csrc/fusednorm.h; tests/test_variant.py checks that the two agree.
+and the derived facts once, in csrc/fusednorm.h; tests/test_cuda_host.py checks that the two agree.
 
 The math (DESIGN sections 1-2): h = residual * s + dropout(x); y = Norm(h) * weight + bias.
 Adding a flag means: a field here (and its bit in ``FLAG_BITS``), its meaning in the kernels, and its
@@ -198,9 +198,9 @@ class Variant:
             dtype = self.h_dtype(x_dtype)
         else:
             dtype = x_dtype
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
 
-    # -- the Triton kernels' constexpr flags (fusednorm/triton/kernels.py) -------------------------
+    # -- the Triton kernels' constexpr flags (fusednorm/triton/) -------------------------------------
 
     def triton_forward_flags(self) -> dict:
         return dict(IS_RMS=self.is_rms, HAS_RESIDUAL=self.has_residual, SCALE_KIND=int(self.scale_kind),
