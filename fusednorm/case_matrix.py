@@ -2,10 +2,11 @@
 generated from the variant matrix (``fusednorm.testing.case_variants``: every variant a public call can produce).
 
 Where a backend is fast (torch; triton and cuda on a GPU) the matrix is the whole variant matrix at every
-dtype. Where it is slow (the Triton interpreter, the CPU emulation of the CUDA kernels) it is pruned, each
-pruning written once below with its reason. Within a matrix the width, the leading shape and a weight_offset
-of 1 rotate over the cases (``cases_of``): every width meets every dtype and every flag, without the product.
-tests/test_correctness.py checks what each matrix covers.
+dtype (on a GPU also wide rows, many rows and float64). Where it is slow (the Triton interpreter, the CPU
+emulation of the CUDA kernels) it is pruned, each pruning written once below with its reason. Within a
+matrix the width, the leading shape and a weight_offset of 1 rotate over the cases (``cases_of``): every
+width meets every dtype and every flag, without the product. tests/test_correctness.py checks what each
+matrix covers.
 """
 
 from __future__ import annotations
@@ -69,6 +70,17 @@ def full() -> list[Case]:
     """The whole variant matrix at every dtype of DTYPES; N in (1, 7, 64, 1000), leading dims (5,) or (2, 3).
     The torch backend, and triton / cuda on a GPU."""
     return list(cases_of(case_variants(), DTYPES, (1, 7, 64, 1000), ((5,), (2, 3))))
+
+
+def gpu() -> list[Case]:
+    """On a GPU (triton, cuda): ``full``, and every variant once more at a rotating dtype and a wide N --
+    1024 (128-bit accesses over several warps), 4096, 8192, 12288 (past the backward's one-pass block),
+    20000 and 65536 (chunked both ways) --; float64 x (the gradcheck path); and 3000 rows (several row groups
+    per block, the grid-stride loop) for the variants with the default parameters and no dropout."""
+    wide = (1024, 4096, 8192, 12288, 20000, 65536)
+    return (full() + list(cases_of(case_variants(), DTYPES, wide, ((3,),), one_dtype=True))
+            + list(cases_of(case_variants(), ((F64, None),), (100,), ((6,),)))
+            + list(cases_of(_core(), DTYPES, (96,), ((3000,),), one_dtype=True)))
 
 
 def check() -> list[Case]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,7 @@ def case_variants() -> tuple[Variant, ...]:
     return tuple(all_variants()) + tuple(extra)
 
 
-@lru_cache(maxsize=None)
+@cache
 def variant(name: str) -> Variant:
     """The variant called ``name`` (``Variant.name``, e.g. "add_layer_norm[vector,prenorm]"; the defaults
     are those of a public call with its affine parameters: weight, and bias for LayerNorm)."""

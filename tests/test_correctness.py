@@ -5,9 +5,10 @@ Backends (each with its matrix from ``fusednorm.case_matrix``, where the pruning
 
 - "torch": the whole variant matrix (``case_matrix.full``);
 - "triton": under the Triton interpreter (no GPU) the pruned ``case_matrix.interpreted``, on a GPU the
-  whole matrix; "triton-chunked" (block cap lowered to 16 columns: rows wider than one block) and
-  "triton-params-per-row" (the wide learned-scale backward path forced on at N = 37) add their own;
-- "cuda": the compiled extension, on a GPU only (marked gpu), the whole matrix;
+  whole matrix and wide rows, many rows and float64 (``case_matrix.gpu``); "triton-chunked" (block cap
+  lowered to 16 columns: rows wider than one block) and "triton-params-per-row" (the wide learned-scale
+  backward path forced on at N = 37) add their own;
+- "cuda": the compiled extension, on a GPU only (marked gpu; skipped where it is not built), ``case_matrix.gpu``;
 - "cuda-emulated": backend="cuda" running the CPU emulation of the CUDA kernels on CPU tensors
   (tests/_cuda_emulation.py; skipped while that module is absent), ``case_matrix.emulated``.
 
@@ -26,7 +27,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+import fusednorm
 from fusednorm import case_matrix
+from fusednorm.backends import cuda_impl
 from fusednorm.testing import Case, assert_section6, case_variants, check_case, gradcheck_case, interpreter_allowance
 from fusednorm.variant import Variant
 
@@ -71,16 +74,22 @@ class Target:
     fast_gradcheck: bool = False
 
 
+def _why_no_cuda() -> str | None:
+    if not HAS_CUDA:
+        return "needs a CUDA GPU"
+    return None if "cuda" in fusednorm.available_backends("cuda") else cuda_impl.why_unavailable()
+
+
 _DEVICE = "cuda" if HAS_CUDA else "cpu"
 _NO_TRITON = None if HAS_TRITON else "triton is not installed"
 TARGETS = (
     Target("torch", "torch", "cpu", case_matrix.full, gradcheck=case_matrix.gradcheck),
-    Target("triton", "triton", _DEVICE, case_matrix.full if HAS_CUDA else case_matrix.interpreted, why_not=_NO_TRITON,
+    Target("triton", "triton", _DEVICE, case_matrix.gpu if HAS_CUDA else case_matrix.interpreted, why_not=_NO_TRITON,
            gradcheck=lambda: case_matrix.gradcheck((3, 5)), fast_gradcheck=not HAS_CUDA),
     Target("triton-chunked", "triton", _DEVICE, case_matrix.chunked, _lower_block_cap, _NO_TRITON),
     Target("triton-params-per-row", "triton", _DEVICE, case_matrix.params_per_row, _params_per_row_from_16_columns,
            _NO_TRITON),
-    Target("cuda", "cuda", "cuda", case_matrix.full, why_not=None if HAS_CUDA else "needs a CUDA GPU"),
+    Target("cuda", "cuda", "cuda", case_matrix.gpu, why_not=_why_no_cuda(), gradcheck=case_matrix.gradcheck),
     Target("cuda-emulated", "cuda", "cpu", case_matrix.emulated, _emulate_cuda,
            None if _cuda_emulation is not None else "tests/_cuda_emulation.py is absent"),
 )
@@ -102,23 +111,22 @@ def _params(matrix_of: Callable[[Target], Callable | None]) -> list:
     return params
 
 
-@pytest.fixture
-def prepared(request, monkeypatch):
-    target = request.node.callspec.params["target"]
+def _set_up(target: Target, monkeypatch) -> None:
     if target.setup is not None:
         target.setup(monkeypatch)
-    return target
 
 
 @pytest.mark.parametrize(("target", "case"), _params(lambda t: t.matrix))
-def test_matches_float64_reference(target, case, prepared):
+def test_matches_float64_reference(target, case, monkeypatch):
+    _set_up(target, monkeypatch)
     seed = zlib.crc32(case.name().encode())
     assert_section6(check_case(case, target.backend, device=target.device, seed=seed,
                                extra_atol=interpreter_allowance(target.backend, case, target.device)))
 
 
 @pytest.mark.parametrize(("target", "case"), _params(lambda t: t.gradcheck))
-def test_gradcheck_float64(target, case, prepared):
+def test_gradcheck_float64(target, case, monkeypatch):
+    _set_up(target, monkeypatch)
     # fast_mode: random projections instead of one finite difference per input element, which costs
     # hundreds of interpreted launches.
     assert gradcheck_case(case, target.backend, target.device, fast_mode=target.fast_gradcheck)
@@ -155,7 +163,8 @@ def _flag_values(cases: list[Case]) -> dict[str, set]:
     return {f.name: {getattr(c.variant, f.name) for c in cases} for f in dataclasses.fields(Variant)}
 
 
-@pytest.mark.parametrize("matrix", [case_matrix.full, case_matrix.check, case_matrix.interpreted, case_matrix.emulated])
+@pytest.mark.parametrize("matrix", [case_matrix.full, case_matrix.gpu, case_matrix.check, case_matrix.interpreted,
+                                    case_matrix.emulated])
 def test_every_flag_value_and_dtype_is_in_each_matrix(matrix):
     cases = matrix()
     assert len({c.name() for c in cases}) == len(cases), "case names (test ids) must be unique"
