@@ -38,9 +38,9 @@ BACKENDS = fusednorm.available_backends("cpu")
 
 
 def check_case_conditioned(case: Case, backend: str, seed: int = 0, extra_atol: float = 0.0):
-    """fusednorm.testing.check_case with the dot-product bound for a cancelling 0-d scale gradient (see its
-    ``cancelling_scale_sum``): the random shapes and seeds of these tests meet that cancellation."""
-    return check_case(case, backend, seed=seed, extra_atol=extra_atol, cancelling_scale_sum=True)
+    """fusednorm.testing.check_case with the dot-product bound of the row-summed gradients (its ``row_sums``):
+    the random shapes and seeds of these tests meet the cancellation of a 0-d scale's gradient."""
+    return check_case(case, backend, seed=seed, extra_atol=extra_atol, row_sums="dot_product")
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
