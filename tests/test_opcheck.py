@@ -10,7 +10,7 @@ Which variants (opcheck takes ~0.2 s a pair on torch, ~1.5 s interpreted): on to
 default parameters and no dropout -- every residual scale kind and layout, and every float32 residual / h
 flag (with the unscaled residual or none): what the fake results' shapes and dtypes follow -- plus the
 residual-free variants with dropout or without weight or bias; on interpreted triton a covering subset of
-those (every flag takes each of its values).
+those (every flag takes each of its values). The dtypes rotate over the variants.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ BWD = torch.ops.fusednorm.bwd.default
 BF16, F32 = torch.bfloat16, torch.float32
 
 
-def _case(v, rows: int = 5) -> Case:
-    """bfloat16 x with float32 parameters (the float32 residual / h flags need a narrower x)."""
-    return Case(v, (rows, 12), BF16, F32, weight_offset=0.5 if v.has_weight else 0.0)
+# x (and parameter) dtypes rotate over the variants: the fake results follow them (float64 statistics for
+# float64 x; float32 h / dresidual beside a narrower x).
+DTYPES = ((BF16, F32), (torch.float32, None), (torch.float16, None), (torch.float64, None))
 
 
 def _selected() -> list:
@@ -44,9 +44,10 @@ def _selected() -> list:
     return core + bare
 
 
-SELECTED = _selected()
-CASES = [(v, b) for b in CPU_BACKENDS
-         for v in (SELECTED if b == "torch" or torch.cuda.is_available() else case_matrix.covering(SELECTED))]
+SELECTED = list(case_matrix.cases_of(_selected(), DTYPES, (12,), ((5,),), one_dtype=True))
+_COVERING = case_matrix.covering(c.variant for c in SELECTED)
+CASES = [(c, b) for b in CPU_BACKENDS for c in SELECTED
+         if b == "torch" or torch.cuda.is_available() or c.variant in _COVERING]
 
 
 def _flat(op, variant, args, backend: str) -> tuple:
@@ -79,9 +80,9 @@ def _assert_all_pass(result: dict) -> None:
     assert not failures, failures
 
 
-@pytest.mark.parametrize(("variant", "backend"), CASES, ids=[f"{v.name}-{b}" for v, b in CASES])
-def test_opcheck_fwd_and_bwd(variant, backend, monkeypatch):
-    fwd_args, bwd_args = _arguments(_case(variant), backend, monkeypatch)
+@pytest.mark.parametrize(("case", "backend"), CASES, ids=[f"{c.name()}-{b}" for c, b in CASES])
+def test_opcheck_fwd_and_bwd(case, backend, monkeypatch):
+    fwd_args, bwd_args = _arguments(case, backend, monkeypatch)
     _assert_all_pass(torch.library.opcheck(FWD, fwd_args))
     _assert_all_pass(torch.library.opcheck(BWD, bwd_args))
 
@@ -100,10 +101,10 @@ def test_fake_outputs_match_real_ones_exactly(monkeypatch):
     """Beyond opcheck's own comparison: every output's shape, dtype and stride, under FakeTensorMode."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    for v in SELECTED:
-        for op, args in zip((FWD, BWD), _arguments(_case(v), "torch", monkeypatch), strict=True):
+    for case in SELECTED:
+        for op, args in zip((FWD, BWD), _arguments(case, "torch", monkeypatch), strict=True):
             real = op(*args)
             with FakeTensorMode(allow_non_fake_inputs=True) as mode:
                 fake = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
             for r, f in zip(real, fake, strict=True):
-                assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), (v.name, op)
+                assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride()), (case.name(), op)
