@@ -111,6 +111,14 @@ def interpreted() -> list[Case]:
                             one_dtype=True)))
 
 
+def check_interpreted() -> list[Case]:
+    """``python -m fusednorm.check`` under the Triton interpreter (the tests run ``interpreted`` in full): the
+    variants of ``interpreted`` once each, at a dtype rotating over fp32, bf16 and bf16 x with fp32 parameters,
+    4 rows of N = 37 or 1."""
+    variants = list(dict.fromkeys(c.variant for c in interpreted()))
+    return list(cases_of(variants, ((F32, None), (BF16, None), (BF16, F32)), (37, 37, 1), one_dtype=True))
+
+
 def chunked() -> list[Case]:
     """Triton with the block cap lowered to 16 columns (rows wider than one block; N = 40: chunks of 16, 16
     and 8), 3 rows, once each at fp32 or bf16: the variants with the default parameters and without the

@@ -164,7 +164,7 @@ def _flag_values(cases: list[Case]) -> dict[str, set]:
 
 
 @pytest.mark.parametrize("matrix", [case_matrix.full, case_matrix.gpu, case_matrix.check, case_matrix.interpreted,
-                                    case_matrix.emulated])
+                                    case_matrix.check_interpreted, case_matrix.emulated])
 def test_every_flag_value_and_dtype_is_in_each_matrix(matrix):
     cases = matrix()
     assert len({c.name() for c in cases}) == len(cases), "case names (test ids) must be unique"
