@@ -218,7 +218,6 @@ struct FwdParams {
   void* h = nullptr;                     // (M, N) h's dtype, contiguous, when store_h
   void* mean = nullptr;                  // (M,) compute dtype, LayerNorm only
   void* rstd = nullptr;                  // (M,) compute dtype
-  void* stats = nullptr;                 // (M, kStatsWidth) float32, when store_stats
 
   int64_t rows = 0, cols = 0;
   int64_t x_row_stride = 0, residual_row_stride = 0;
@@ -229,13 +228,17 @@ struct FwdParams {
   uint32_t keep_threshold = 0;  // keep = (philox_r0 >> 8) >= keep_threshold
 
   bool is_rms = false, has_residual = false, has_dropout = false, store_h = false;
-  bool has_weight = false, has_bias = false, store_stats = false;
+  bool has_weight = false, has_bias = false;
   int scale_kind = kScaleNone;
   bool residual_f32 = false, h_f32 = false, weight_f32 = false, bias_f32 = false, scale_f32 = false;
   bool vectorized = false;  // every pointer and row stride allows 128-bit accesses
 
   LaunchConfig launch;
   int num_sms = 1;
+
+  // Telemetry (last, so that the other fields keep their offsets in the kernels' parameter space).
+  bool store_stats = false;
+  void* stats = nullptr;  // (M, kStatsWidth) float32, when store_stats
 };
 
 struct BwdParams {

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
 #pragma unroll
             for (int i = 0; i < G; ++i) h[g][i] = round_through<T>(h[g][i], h_f32);
           }
-          row_stats.add(f, rs, h[g], cols - col < G ? cols - col : G);
+          row_stats.template add<V::kHasResidual>(f, rs, h[g], cols - col < G ? cols - col : G);
         } else {
 #pragma unroll
           for (int i = 0; i < G; ++i) h[g][i] = C(0);

@@ -50,10 +50,11 @@ struct RowStats {
   C largest = C(0);    // max |h|, NaN ignored
   C nonfinite = C(0);  // how many h values are NaN or +-Inf
 
-  template <int G>
+  // kHasStream: the variant has a residual (without one the stream's moments stay 0, in no register).
+  template <bool kHasStream, int G>
   __device__ __forceinline__ void add(const C (&f)[G], const C (&rs)[G], const C (&hv)[G], int valid) {
     branch.add(f, valid);
-    stream.add(rs, valid);
+    if constexpr (kHasStream) stream.add(rs, valid);
     h.add(hv, valid);
 #pragma unroll
     for (int i = 0; i < G; ++i) {
