@@ -328,7 +328,7 @@ def test_backward_argument_checks():
 @pytest.mark.parametrize("variant", [
     Variant(has_residual=True, residual_f32=True, scale_kind=ScaleKind.SCALAR, has_bias=True),
     Variant(is_rms=True, has_residual=True, prenorm=True, residual_f32=True, h_f32=True, has_dropout=True),
-    Variant(has_residual=True, scale_kind=ScaleKind.VECTOR, store_stats=True),
+    Variant(has_residual=True, residual_f32=True, scale_kind=ScaleKind.VECTOR, store_stats=True),
 ], ids=lambda v: v.name)
 def test_fake_functions_give_the_contract_shapes(variant):
     m, n = 6, 10
