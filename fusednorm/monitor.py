@@ -20,7 +20,7 @@ all elements of the call (the variances admin_init measures, ``np.var`` of the w
             ...
             mon.step()                   # the next calls belong to the next step
     mon.records()                        # one Record per call, in execution order (reading syncs)
-    mon.write_csv("telemetry.csv"); fusednorm.monitor.plot_beta(mon.records(), "beta.png")
+    mon.write_csv("telemetry.csv"); mon.plot_beta("beta.png")   # or fusednorm.monitor's plot_beta(records)
 
 Nothing is read back to the host until ``records()``: the per-call statistics stay device tensors. Without
 an active monitor the kernels are the ones without the flag (the functional layer reads one context
@@ -183,7 +183,8 @@ class Monitor:
         """One Record per monitored call so far, in execution order (one host sync)."""
         if not self._calls:
             return []
-        values = torch.stack([v.to("cpu") for _, _, v in self._calls]).tolist()
+        device = self._calls[0][2].device
+        values = torch.stack([v.to(device) for _, _, v in self._calls]).cpu().tolist()  # one copy to the host
         out = []
         for (step, name, _), row in zip(self._calls, values, strict=True):
             fields = dict(zip(CALL_FIELDS, row, strict=True))
@@ -202,6 +203,10 @@ class Monitor:
             writer = csv.writer(f)
             writer.writerow(Record._fields)
             writer.writerows(self.records())
+
+    def plot_beta(self, path: str | Path | None = None, ax=None, title: str | None = None):
+        """``plot_beta`` of this monitor's records (beta per call over steps); returns the Axes."""
+        return plot_beta(self.records(), path, ax, title)
 
 
 def monitor(model: nn.Module, modules: Iterable[tuple[str, nn.Module]] | None = None) -> Monitor:

@@ -391,6 +391,7 @@ def test_csv_and_plot(tmp_path):
     assert float(rows[0]["beta"]) == pytest.approx(mon.records()[0].beta)
     ax = plot_beta(mon.records(), tmp_path / "beta.png")
     assert (tmp_path / "beta.png").stat().st_size > 0 and len(ax.lines) == 5  # one line per call of a step
+    assert [list(line.get_ydata()) for line in mon.plot_beta().lines] == [list(line.get_ydata()) for line in ax.lines]
     mon.clear()
     assert mon.records() == [] and not mon.nonfinite()
     assert isinstance(mon, Monitor)
