@@ -38,8 +38,11 @@ constexpr int64_t kFlagResidualF32 = int64_t(1) << 6;  // residual is float32 an
 constexpr int64_t kFlagHF32 = int64_t(1) << 7;         // the stored h is float32 and x is not
 constexpr int64_t kFlagHasWeight = int64_t(1) << 8;
 constexpr int64_t kFlagHasBias = int64_t(1) << 9;
+constexpr int64_t kFlagStoreStats = int64_t(1) << 10;  // telemetry: the forward writes the row statistics
 constexpr int64_t kFlagsKnown = kFlagIsRms | kFlagHasResidual | kFlagScaleKind | kFlagHasDropout | kFlagPrenorm |
-                                kFlagResidualF32 | kFlagHF32 | kFlagHasWeight | kFlagHasBias;
+                                kFlagResidualF32 | kFlagHF32 | kFlagHasWeight | kFlagHasBias | kFlagStoreStats;
+// Columns of the row statistics (fusednorm.backends.contract.STATS_COLUMNS; row_stats.cuh).
+constexpr int kStatsWidth = 8;
 
 // Element types of the tensors the host code describes (host.h: TensorView); the values are the
 // codes the CPU emulation's callers use too (tests/_cuda_emulation.py).
@@ -59,6 +62,7 @@ struct VariantFlags {
   bool h_f32 = false;
   bool has_weight = false;
   bool has_bias = false;
+  bool store_stats = false;  // forward only: the backward of a monitored call is the same
 
   static constexpr VariantFlags decode(int64_t word) {
     VariantFlags v;
@@ -71,6 +75,7 @@ struct VariantFlags {
     v.h_f32 = word & kFlagHF32;
     v.has_weight = word & kFlagHasWeight;
     v.has_bias = word & kFlagHasBias;
+    v.store_stats = word & kFlagStoreStats;
     return v;
   }
 
@@ -230,6 +235,10 @@ struct FwdParams {
 
   LaunchConfig launch;
   int num_sms = 1;
+
+  // Telemetry (last, so that the other fields keep their offsets in the kernels' parameter space).
+  bool store_stats = false;
+  void* stats = nullptr;  // (M, kStatsWidth) float32, when store_stats
 };
 
 struct BwdParams {

@@ -29,7 +29,7 @@ struct TensorView {
 // The tensors of one forward: ForwardArgs' inputs, then ForwardResult's outputs (backends/contract.py).
 struct ForwardTensors {
   TensorView x, residual, weight, bias, residual_scale, seed;
-  TensorView y, h, mean, rstd;
+  TensorView y, h, mean, rstd, stats;
 };
 struct ForwardScalars {
   double eps, scale_value, dropout_p, weight_offset;
@@ -47,12 +47,12 @@ struct BackwardScalars {
 
 // The facts of a variant for x of dtype x, in the order of torch.ops.fusednorm.cuda_variant_facts:
 // the nine flags, learned_scale, store_h, dresidual_is_dx, store_dresidual, the residual's dtype (-1
-// without a residual) and h's dtype. tests/test_cuda_host.py compares them with fusednorm.variant.
-constexpr int kNumVariantFacts = 15;
+// without a residual), h's dtype and store_stats. tests/test_cuda_host.py compares them with fusednorm.variant.
+constexpr int kNumVariantFacts = 16;
 inline std::array<int64_t, kNumVariantFacts> variant_facts(const VariantFlags& v, DType x) {
   return {v.is_rms, v.has_residual, v.scale_kind, v.has_dropout, v.prenorm, v.residual_f32, v.h_f32,
           v.has_weight, v.has_bias, v.learned_scale(), v.store_h(), v.dresidual_is_dx(), v.store_dresidual(),
-          v.has_residual ? v.residual_dtype(x) : -1, v.h_dtype(x)};
+          v.has_residual ? v.residual_dtype(x) : -1, v.h_dtype(x), v.store_stats};
 }
 
 inline TensorView if_used(bool used, const TensorView& t) { return used ? t : TensorView{}; }
@@ -86,6 +86,7 @@ inline FwdParams forward_params(const VariantFlags& v, const ForwardTensors& t, 
   p.h = h.data;
   p.mean = v.is_rms ? nullptr : t.mean.data;
   p.rstd = t.rstd.data;
+  p.stats = v.store_stats ? t.stats.data : nullptr;
   p.rows = t.x.rows;
   p.cols = t.x.cols;
   p.x_row_stride = t.x.row_stride;
@@ -101,6 +102,7 @@ inline FwdParams forward_params(const VariantFlags& v, const ForwardTensors& t, 
   p.store_h = v.store_h();
   p.has_weight = v.has_weight;
   p.has_bias = v.has_bias;
+  p.store_stats = v.store_stats;
   p.scale_kind = v.scale_kind;
   p.residual_f32 = v.residual_f32;
   p.h_f32 = v.h_f32;

@@ -1,7 +1,7 @@
 // Host side of the "cuda" backend: allocation, launches, and the registration of
 //
 //   torch.ops.fusednorm.cuda_fwd(x, residual, weight, bias, residual_scale, seed, variant, eps, scale_value,
-//                                dropout_p, weight_offset) -> (y, h, mean, rstd)
+//                                dropout_p, weight_offset) -> (y, h, mean, rstd, stats)
 //   torch.ops.fusednorm.cuda_bwd(dy, dh_in, x, residual, h, weight, residual_scale, mean, rstd, seed, variant,
 //                                scale_value, dropout_p, weight_offset, bias_dtype)
 //                                -> (dx, dresidual, dweight, dbias, dscale)
@@ -52,10 +52,11 @@ cudaError_t dispatch_x(ScalarType x, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight,
-                                                    const OptTensor& bias, const OptTensor& residual_scale,
-                                                    const OptTensor& seed, int64_t variant, double eps,
-                                                    double scale_value, double dropout_p, double weight_offset) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_fwd(const Tensor& x, const OptTensor& residual,
+                                                            const OptTensor& weight, const OptTensor& bias,
+                                                            const OptTensor& residual_scale, const OptTensor& seed,
+                                                            int64_t variant, double eps, double scale_value,
+                                                            double dropout_p, double weight_offset) {
   constexpr const char* op = "cuda_fwd";
   check_rows(op, "x", x);
   const VariantFlags v = check_variant(op, variant);
@@ -80,16 +81,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cuda_fwd(const Tensor& x, const OptTe
   Tensor h = v.store_h() ? at::empty({rows, cols}, h_options) : at::empty({0}, h_options);
   Tensor mean = at::empty({v.is_rms ? 0 : rows}, stats);
   Tensor rstd = at::empty({rows}, stats);
-  if (rows == 0 || cols == 0) return {y, h, mean, rstd};
+  const auto f32 = x.options().dtype(ScalarType::Float);
+  Tensor row_stats = v.store_stats ? at::empty({rows, kStatsWidth}, f32) : at::empty({0}, f32);
+  if (rows == 0 || cols == 0) return {y, h, mean, rstd, row_stats};
 
   const ForwardTensors tensors{view_of(x), view_of(residual), view_of(weight), view_of(bias),
                                view_of(residual_scale), view_of(seed), view_of(y), view_of(h),
-                               view_of(mean), view_of(rstd)};
+                               view_of(mean), view_of(rstd), view_of(row_stats)};
   FwdParams p = forward_params(v, tensors, ForwardScalars{eps, scale_value, dropout_p, weight_offset});
   p.num_sms = num_sms(x);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(dispatch_x(xt, [&](auto tag) { return launch_fwd<decltype(tag)>(p, stream); }));
-  return {y, h, mean, rstd};
+  return {y, h, mean, rstd, row_stats};
 }
 
 // out (a gradient, (N,) or 0-d, or a compute-dtype scratch row) = fixed-order column sums of partial,
@@ -253,7 +256,7 @@ Tensor cuda_philox_r0(const Tensor& seed, const Tensor& index) {
 TORCH_LIBRARY_FRAGMENT(fusednorm, m) {
   m.def("cuda_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? residual_scale, Tensor? seed, "
         "int variant, float eps, float scale_value, float dropout_p, float weight_offset) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("cuda_bwd(Tensor dy, Tensor? dh_in, Tensor? x, Tensor? residual, Tensor? h, Tensor? weight, "
         "Tensor? residual_scale, Tensor mean, Tensor rstd, Tensor? seed, int variant, float scale_value, "
         "float dropout_p, float weight_offset, ScalarType? bias_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -19,6 +19,7 @@ from .functional import (
 from .integrations.norms import replace_norms
 from .models import deepnorm_init_
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from .monitor import monitor  # fusednorm.monitor is this function; ``from fusednorm.monitor import Monitor``
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,6 @@ __all__ = [
     "AddLayerNorm", "AddLayerNormFunction", "AddRMSNorm", "AddRMSNormFunction",
     "BackendUnavailableError", "LayerNorm", "LayerNormFunction", "RMSNorm", "RMSNormFunction",
     "add_layer_norm", "add_rms_norm", "admin_init", "available_backends", "deepnorm_constants",
-    "deepnorm_init_", "get_backend", "layer_norm",
+    "deepnorm_init_", "get_backend", "layer_norm", "monitor",
     "replace_norms", "rms_norm", "set_backend",
 ]

@@ -9,10 +9,10 @@ dimension) through that flatten to ``_StridedShard(0, split_factor=B)`` without 
 rank keeps its own rows); Shard(0) (the batch) stays Shard(0). Every row is normalized on its own,
 so any placement of the rows works locally. Per mesh dimension:
 
-- fusednorm::fwd: y, h, mean and rstd take x's placement (Replicate, or a sharding of the rows); the
-  residual must have x's placement, or be Replicate (then each rank takes its own rows: no
-  communication); weight, bias and residual_scale are Replicate. An empty result (h that is not
-  stored, mean of RMSNorm) is Replicate.
+- fusednorm::fwd: y, h, mean, rstd and the telemetry's row statistics take x's placement (Replicate, or
+  a sharding of the rows); the residual must have x's placement, or be Replicate (then each rank takes
+  its own rows: no communication); weight, bias and residual_scale are Replicate. An empty result (h
+  that is not stored, mean of RMSNorm, stats when not asked for) is Replicate.
 - fusednorm::bwd: dy, dh_in and the saved rows follow the forward's placement (read from rstd); dx
   and dresidual get it too; dweight, dbias and dscale are ``Partial("sum")`` on every mesh dimension
   where the rows are sharded (each rank summed its own rows), Replicate elsewhere.
@@ -138,7 +138,8 @@ def _forward_strategy(op_schema: OpSchema) -> OpStrategy:
         if (spec := _spec(param)) is not None:
             inputs.append((spec, _parameter_input(spec)))
     rows, empty = _like(x), _replicate(x.mesh)
-    outputs = (rows, rows if variant.store_h else empty, empty if variant.is_rms else rows, rows)
+    outputs = (rows, rows if variant.store_h else empty, empty if variant.is_rms else rows, rows,
+               rows if variant.store_stats else empty)
     return _strategy(op_schema, inputs, outputs)
 
 

@@ -10,6 +10,8 @@ mean/rstd; the dropout seed), never a dropout mask.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -20,6 +22,12 @@ from .dropout import draw_seed
 from .variant import ScaleKind, Variant
 
 ResidualScale = float | Tensor | None
+
+# Telemetry hook (fusednorm.monitor; DESIGN section 7). While a monitor sets it around a module's call, the
+# forward asks the kernels for the row statistics (Variant.store_stats) and hands them to this callable:
+# sink(stats: (M, 8) float32, N). None (the default): nothing is asked or computed. Compiled regions never
+# ask: torch.compile traces every call with the flag off.
+stats_sink: ContextVar[Callable[[Tensor, int], None] | None] = ContextVar("fusednorm_stats_sink", default=None)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -58,11 +66,13 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
     weight_offset = _validate.check_weight_offset(weight_offset, weight)
     name = backends.resolve(backend, x.device)
+    sink = None if torch.compiler.is_compiling() else stats_sink.get()
 
     variant = Variant.from_call(
         is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
         scale_kind=_scale_kind(residual_scale), dropout_p=dropout_p, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None)
+        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None,
+        store_stats=sink is not None)
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     args = ForwardArgs(
@@ -73,6 +83,8 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
         scale_value=float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0,
         dropout_p=dropout_p, weight_offset=weight_offset)
     out = ops.forward(variant, args, name)
+    if sink is not None:
+        sink(out.stats, args.x.shape[-1])
 
     available = dict(x=args.x, residual=args.residual, h=out.h, weight=args.weight,
                      residual_scale=args.residual_scale, mean=out.mean, rstd=out.rstd, seed=args.seed)

@@ -40,7 +40,7 @@ from fusednorm.variant import Variant
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SOURCES = ("emulation/emulate.cpp", "fusednorm.h", "host.h", "philox.h", "device_utils.cuh", "fwd_kernel.cuh",
-           "bwd_kernel.cuh")
+           "bwd_kernel.cuh", "row_stats.cuh")
 # The emulated device: 2 SMs, 2 resident blocks each (small grids, several blocks and partial rows).
 NUM_SMS, BLOCKS_PER_SM = 2, 2
 # csrc/fusednorm.h: DType.
@@ -48,7 +48,7 @@ DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.floa
 # csrc/host.h: variant_facts, in this order.
 VARIANT_FACTS = ("is_rms", "has_residual", "scale_kind", "has_dropout", "prenorm", "residual_f32", "h_f32",
                  "has_weight", "has_bias", "learned_scale", "store_h", "dresidual_is_dx", "store_dresidual",
-                 "residual_dtype", "h_dtype")
+                 "residual_dtype", "h_dtype", "store_stats")
 
 
 class TensorView(ctypes.Structure):

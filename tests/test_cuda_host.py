@@ -9,6 +9,7 @@ built; the availability tests run either way.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 
@@ -80,7 +81,8 @@ def _python_facts(v: Variant, x_dtype: torch.dtype) -> dict:
 @pytest.mark.parametrize("source", ["extension", "emulation"])
 def test_cpp_variant_facts_equal_the_python_variant(source):
     cpp_facts, _ = _cpp_host(source)
-    variants = list(all_variants())
+    # Every variant, with and without the telemetry flag (store_stats, bit 10).
+    variants = [w for v in all_variants() for w in (v, dataclasses.replace(v, store_stats=True))]
     for v, x_dtype in itertools.product(variants, X_DTYPES):
         assert cpp_facts(v.flags, x_dtype) == _python_facts(v, x_dtype), (v.name, x_dtype)
     # Every other word too: C++ accepts exactly the words Variant.from_flags accepts, with the same facts.
@@ -326,6 +328,7 @@ def test_backward_argument_checks():
 @pytest.mark.parametrize("variant", [
     Variant(has_residual=True, residual_f32=True, scale_kind=ScaleKind.SCALAR, has_bias=True),
     Variant(is_rms=True, has_residual=True, prenorm=True, residual_f32=True, h_f32=True, has_dropout=True),
+    Variant(has_residual=True, residual_f32=True, scale_kind=ScaleKind.VECTOR, store_stats=True),
 ], ids=lambda v: v.name)
 def test_fake_functions_give_the_contract_shapes(variant):
     m, n = 6, 10
@@ -336,9 +339,10 @@ def test_fake_functions_give_the_contract_shapes(variant):
     bias = torch.empty(n, dtype=torch.float16, **meta) if variant.has_bias else None
     scale = torch.empty((), dtype=torch.float16, **meta) if variant.learned_scale else None
     seed = torch.empty(1, dtype=torch.int64, **meta) if variant.has_dropout else None
-    y, h, mean, rstd = torch.ops.fusednorm.cuda_fwd(x, residual, weight, bias, scale, seed, variant.flags, 1e-5,
-                                                    1.0, 0.25 if variant.has_dropout else 0.0, 0.0)
+    y, h, mean, rstd, stats = torch.ops.fusednorm.cuda_fwd(x, residual, weight, bias, scale, seed, variant.flags,
+                                                           1e-5, 1.0, 0.25 if variant.has_dropout else 0.0, 0.0)
     assert y.shape == (m, n) and y.dtype == torch.float16
+    assert stats.shape == ((m, 8) if variant.store_stats else (0,)) and stats.dtype == torch.float32
     assert h.shape == ((m, n) if variant.store_h else (0,)) and h.dtype == variant.h_dtype(torch.float16)
     assert mean.shape == ((0,) if variant.is_rms else (m,)) and rstd.shape == (m,) and rstd.dtype == torch.float32
     dx, dres, dw, db, ds = torch.ops.fusednorm.cuda_bwd(

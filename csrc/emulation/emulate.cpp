@@ -95,9 +95,11 @@ void run_fwd(const FwdParams& p) {
   FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, kRuntime>;
-        launch(&fwd_kernel<V>, dim3(static_cast<unsigned>(p.launch.grid)),
-               dim3(p.launch.threads_per_row, p.launch.rows_per_block), p);
+        FUSEDNORM_BOOL_SWITCH(p.store_stats, STORE_STATS, [&] {
+          using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, kRuntime>;
+          launch(&fwd_kernel<V, STORE_STATS>, dim3(static_cast<unsigned>(p.launch.grid)),
+                 dim3(p.launch.threads_per_row, p.launch.rows_per_block), p);
+        });
       });
     });
   });
@@ -146,11 +148,11 @@ extern "C" {
 // The emulated device: num_sms SMs with blocks_per_sm resident blocks each (the GPU's launchers ask
 // the occupancy calculator instead). The functions return 0, or -1 when `variant` is not a flag word.
 
-// tensors: x, residual, weight, bias, residual_scale, seed, y, h, mean, rstd (host.h: ForwardTensors).
+// tensors: x, residual, weight, bias, residual_scale, seed, y, h, mean, rstd, stats (host.h: ForwardTensors).
 int fusednorm_emu_forward(int64_t variant, const TensorView* t, double eps, double scale_value, double dropout_p,
                           double weight_offset, int num_sms, int blocks_per_sm) {
   if (why_not_a_variant(variant) != nullptr) return -1;
-  const ForwardTensors tensors{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9]};
+  const ForwardTensors tensors{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10]};
   FwdParams p = forward_params(VariantFlags::decode(variant), tensors,
                                ForwardScalars{eps, scale_value, dropout_p, weight_offset});
   p.num_sms = num_sms;
