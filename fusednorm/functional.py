@@ -50,9 +50,13 @@ def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
     return ScaleKind.CONSTANT
 
 
-def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
-                  residual_in_fp32, weight_offset, backend: str | None):
+def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps,
+             residual_scale: ResidualScale, dropout_p, prenorm, residual_in_fp32, weight_offset, backend: str | None,
+             sink) -> tuple[Variant, ForwardArgs, str]:
+    """Validate a call and describe it: (variant, the backend's arguments as (M, N) rows, the backend name).
+
+    The name is resolved ("auto" -> a backend) in eager mode; traced calls keep the name as given (the op
+    resolves it when it runs), after checking here that it can run on x's device."""
     if type(x) is not Tensor and not torch.compiler.is_compiling():
         _register_dtensor_rules(x)
     _validate.check_input(x)
@@ -66,7 +70,8 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
     weight_offset = _validate.check_weight_offset(weight_offset, weight)
     name = backends.resolve(backend, x.device)
-    sink = None if torch.compiler.is_compiling() else stats_sink.get()
+    if torch.compiler.is_compiling():
+        name = backends.get_backend() if backend is None else backend
 
     variant = Variant.from_call(
         is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
@@ -82,6 +87,27 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
         seed=draw_seed(x.device) if variant.has_dropout else None, eps=eps,
         scale_value=float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0,
         dropout_p=dropout_p, weight_offset=weight_offset)
+    return variant, args, name
+
+
+def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                 weight_offset, backend):
+    """Under torch.compile / torch.export: ``fusednorm::fwd`` with its own autograd formula, no autograd
+    Function around it (what an exported program keeps; the backend name stays as given, "auto" included)."""
+    variant, args, name = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                                   residual_in_fp32, weight_offset, backend, None)
+    out = ops.fwd(args.x, args.residual, args.weight, args.bias, args.residual_scale, args.seed, variant.flags,
+                  args.eps, args.scale_value, args.dropout_p, args.weight_offset, name)
+    y = out[0].view(x.shape)
+    return (y, out[1].view(x.shape)) if variant.prenorm else y
+
+
+def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
+                  bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
+                  residual_in_fp32, weight_offset, backend: str | None):
+    sink = None if torch.compiler.is_compiling() else stats_sink.get()
+    variant, args, name = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                                   residual_in_fp32, weight_offset, backend, sink)
     out = ops.forward(variant, args, name)
     if sink is not None:
         sink(out.stats, args.x.shape[-1])
@@ -91,10 +117,10 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     ctx.save_for_backward(*(available[k] for k in variant.saved))
     ctx.set_materialize_grads(False)
     ctx.fusednorm = dict(variant=variant, backend=name, x_shape=x.shape, x_dtype=x.dtype, scale_value=args.scale_value,
-                         dropout_p=dropout_p, weight_offset=weight_offset,
+                         dropout_p=args.dropout_p, weight_offset=args.weight_offset,
                          bias_dtype=bias.dtype if bias is not None else None)
     y = _as_output(out.y, x.shape)
-    if prenorm:
+    if variant.prenorm:
         return y, _as_output(out.h, x.shape)
     return y
 
@@ -226,6 +252,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     Returns y: x's shape and dtype. backend: "auto", "torch", "triton", "cuda" or None (the global
     choice, see ``fusednorm.set_backend``). Raises TypeError/ValueError naming a bad argument.
     """
+    if torch.compiler.is_compiling():
+        return _traced_call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
     return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend)
 
 
@@ -237,6 +265,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     16/32-bit x, float64's for float64 x).
     Returns y: x's shape and dtype.
     """
+    if torch.compiler.is_compiling():
+        return _traced_call(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
+                            backend)
     return RMSNormFunction.apply(x, weight, eps, weight_offset, backend)
 
 
@@ -252,6 +283,9 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     Returns y (x's dtype), or (y, h) with prenorm=True; h is float32 with residual_in_fp32=True,
     else residual's dtype.
     """
+    if torch.compiler.is_compiling():
+        return _traced_call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                            residual_in_fp32, weight_offset, backend)
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                                       residual_in_fp32, weight_offset, backend)
 
@@ -261,5 +295,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                  residual_in_fp32: bool = False, weight_offset: float = 0.0,
                  backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Fused h = residual * residual_scale + dropout(x); y = RMSNorm(h). Arguments as add_layer_norm."""
+    if torch.compiler.is_compiling():
+        return _traced_call(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
+                            residual_in_fp32, weight_offset, backend)
     return AddRMSNormFunction.apply(x, residual, weight, eps, residual_scale, dropout_p, prenorm,
                                     residual_in_fp32, weight_offset, backend)
