@@ -158,7 +158,8 @@ def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[
         h=saved.get("h"), weight=saved.get("weight"), residual_scale=saved.get("residual_scale"),
         seed=saved.get("seed"), bias_dtype=meta["bias_dtype"], scale_value=meta["scale_value"],
         dropout_p=meta["dropout_p"], weight_offset=meta["weight_offset"])
-    grads = ops.backward(variant, args, meta["backend"])
+    with torch.no_grad():
+        grads = ops.backward(variant, args, meta["backend"])
     dx = grads.dx.view(shape)
     if not variant.has_residual:
         dresidual = None
@@ -175,7 +176,20 @@ def _ordered(ctx, grads: dict, names: tuple[str, ...]) -> tuple:
     """One gradient per forward argument, the first ones named by ``names`` in the forward's order
     (None where an argument is not a tensor, needs no grad, or is not named)."""
     names = names + ("",) * (len(ctx.needs_input_grad) - len(names))
-    return tuple(grads.get(name) if needed else None for name, needed in zip(names, ctx.needs_input_grad, strict=True))
+    result = tuple(grads.get(name) if needed else None
+                   for name, needed in zip(names, ctx.needs_input_grad, strict=True))
+    return _not_differentiable_again(result)
+
+
+def _not_differentiable_again(grads: tuple) -> tuple:
+    """With create_graph=True, gradients whose own backward raises a clear error: the backward kernels have
+    no derivative (the torch backend's ops would otherwise record a partial, wrong one)."""
+    if not torch.is_grad_enabled():
+        return grads
+    present = [g for g in grads if g is not None]
+    error = torch._C._functions.DelayedError(ops.DOUBLE_BACKWARD_MESSAGE, len(present))
+    marked = iter(error(*[g.detach().requires_grad_(True) for g in present]))
+    return tuple(next(marked) if g is not None else None for g in grads)
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -2,9 +2,11 @@
 
 opcheck runs each op for real and checks its schema (no hidden mutation or aliasing), its fake (meta)
 function against the real outputs (shapes, dtypes, strides), its autograd registration, and that
-AOTAutograd can trace it with dynamic shapes. The arguments are the very ones the functional layer
-passes (recorded from a public call's forward and backward), so what the forward stores decides what
-the backward receives (``Variant.saved``).
+AOTAutograd can trace it with dynamic shapes. fusednorm::fwd gets inputs that require grad, so
+test_autograd_registration and test_aot_dispatch_dynamic run its own autograd formula (``ops``:
+register_autograd, whose backward is fusednorm::bwd) forward and backward. The arguments are the very
+ones the functional layer passes (recorded from a public call's forward and backward), so what the
+forward stores decides what the backward receives (``Variant.saved``).
 
 Which variants (opcheck takes ~0.2 s a pair on torch, ~1.5 s interpreted): on torch, the variants with the
 default parameters and no dropout -- every residual scale kind and layout, and every float32 residual / h
@@ -75,6 +77,12 @@ def _arguments(case: Case, backend: str, monkeypatch) -> tuple[tuple, tuple]:
     return recorded["fwd"], recorded["bwd"]
 
 
+def _requiring_grad(args: tuple) -> tuple:
+    """fwd's arguments with every floating-point tensor a leaf that requires grad (the seed stays int64)."""
+    return tuple(a.clone().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+
+
 def _assert_all_pass(result: dict) -> None:
     failures = {k: v for k, v in result.items() if v != "SUCCESS"}
     assert not failures, failures
@@ -83,7 +91,7 @@ def _assert_all_pass(result: dict) -> None:
 @pytest.mark.parametrize(("case", "backend"), CASES, ids=[f"{c.name()}-{b}" for c, b in CASES])
 def test_opcheck_fwd_and_bwd(case, backend, monkeypatch):
     fwd_args, bwd_args = _arguments(case, backend, monkeypatch)
-    _assert_all_pass(torch.library.opcheck(FWD, fwd_args))
+    _assert_all_pass(torch.library.opcheck(FWD, _requiring_grad(fwd_args)))
     _assert_all_pass(torch.library.opcheck(BWD, bwd_args))
 
 
@@ -93,7 +101,7 @@ def test_opcheck_empty_batch(backend, monkeypatch):
     case = Case("add_layer_norm[vector,prenorm]", (0, 12))
     fwd_args, bwd_args = _arguments(case, backend, monkeypatch)
     assert fwd_args[0].shape == (0, 12)
-    _assert_all_pass(torch.library.opcheck(FWD, fwd_args))
+    _assert_all_pass(torch.library.opcheck(FWD, _requiring_grad(fwd_args)))
     _assert_all_pass(torch.library.opcheck(BWD, bwd_args))
 
 
