@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,10 +32,10 @@ stats_sink: ContextVar[Callable[[Tensor, int], None] | None] = ContextVar("fused
 
 
 def _rows(t: Tensor) -> Tensor:
-    """(..., N) -> (M, N) with unit stride along N; at most one copy."""
+    """(..., N) -> (M, N) with unit stride along N; at most one copy (none, and no view, for a 2-d input)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(-1, t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _unit_stride(p: Tensor | None) -> Tensor | None:
@@ -50,13 +51,47 @@ def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
     return ScaleKind.CONSTANT
 
 
-def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps,
-             residual_scale: ResidualScale, dropout_p, prenorm, residual_in_fp32, weight_offset, backend: str | None,
-             sink) -> tuple[Variant, ForwardArgs, str]:
-    """Validate a call and describe it: (variant, the backend's arguments as (M, N) rows, the backend name).
+class _Plan(NamedTuple):
+    """What a call's checked arguments decide, cached per call signature (see ``_signature``)."""
 
-    The name is resolved ("auto" -> a backend) in eager mode; traced calls keep the name as given (the op
-    resolves it when it runs), after checking here that it can run on x's device."""
+    variant: Variant
+    backend: str  # resolved in eager mode; as given (maybe "auto") when traced
+    eps: float
+    scale_value: float
+    dropout_p: float
+    weight_offset: float
+    saved: tuple[str, ...]  # variant.saved
+    bias_dtype: torch.dtype | None
+    x_dtype: torch.dtype
+
+
+# Eager calls repeat the same signature (one per norm of a model): its checks and Variant are computed once.
+_PLANS: dict[tuple, _Plan] = {}
+_MAX_PLANS = 4096
+
+
+def _tensor_signature(t) -> tuple | None:
+    return None if t is None else (type(t), t.dtype, t.device, t.shape)
+
+
+def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+               weight_offset, backend, store_stats) -> tuple | None:
+    """Everything the checks and the plan depend on, as a hashable key; None when the call is not a plain
+    eager one (the full checks then run, and raise with their exact messages if something is off). Python
+    scalars go in with their types: True == 1.0 as keys, but the checks treat them differently."""
+    if type(x) is not Tensor or torch.compiler.is_compiling():
+        return None
+    scale = _tensor_signature(residual_scale) if isinstance(residual_scale, Tensor) else (
+        type(residual_scale), residual_scale)
+    return (is_rms, x.dtype, x.device, x.shape, _tensor_signature(residual), _tensor_signature(weight),
+            _tensor_signature(bias), scale, type(eps), eps, type(dropout_p), dropout_p, prenorm, type(prenorm),
+            residual_in_fp32, type(residual_in_fp32), type(weight_offset), weight_offset, backend,
+            backends.get_backend(), store_stats)
+
+
+def _checked_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                  residual_in_fp32, weight_offset, backend: str | None, store_stats: bool) -> _Plan:
+    """Validate a call (TypeError/ValueError naming a bad argument) and describe it."""
     if type(x) is not Tensor and not torch.compiler.is_compiling():
         _register_dtensor_rules(x)
     _validate.check_input(x)
@@ -72,32 +107,56 @@ def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | 
     name = backends.resolve(backend, x.device)
     if torch.compiler.is_compiling():
         name = backends.get_backend() if backend is None else backend
-
     variant = Variant.from_call(
         is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
         scale_kind=_scale_kind(residual_scale), dropout_p=dropout_p, prenorm=prenorm,
         residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None,
-        store_stats=sink is not None)
+        store_stats=store_stats)
+    scale_value = float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0
+    return _Plan(variant, name, eps, scale_value, dropout_p, weight_offset, variant.saved,
+                 bias.dtype if bias is not None else None, x.dtype)
+
+
+def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps,
+             residual_scale: ResidualScale, dropout_p, prenorm, residual_in_fp32, weight_offset, backend: str | None,
+             sink) -> tuple[_Plan, ForwardArgs]:
+    """Validate a call and describe it: (its plan, the backend's arguments as (M, N) rows).
+
+    The name is resolved ("auto" -> a backend) in eager mode; traced calls keep the name as given (the op
+    resolves it when it runs), after checking here that it can run on x's device."""
+    call = (is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+            weight_offset, backend, sink is not None)
+    try:
+        key = _signature(*call)
+        plan = _PLANS.get(key) if key is not None else None
+    except (TypeError, AttributeError, IndexError):  # unhashable or not a tensor: the checks will say so
+        key = plan = None
+    if plan is None:
+        plan = _checked_plan(*call)
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    variant = plan.variant
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     args = ForwardArgs(
         x=_rows(x), residual=_rows(residual) if residual is not None else None, weight=_unit_stride(weight),
-        bias=_unit_stride(bias),
-        residual_scale=_unit_stride(residual_scale) if variant.learned_scale else None,
-        seed=draw_seed(x.device) if variant.has_dropout else None, eps=eps,
-        scale_value=float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0,
-        dropout_p=dropout_p, weight_offset=weight_offset)
-    return variant, args, name
+        bias=_unit_stride(bias), residual_scale=_unit_stride(residual_scale) if variant.learned_scale else None,
+        seed=draw_seed(x.device) if variant.has_dropout else None, eps=plan.eps, scale_value=plan.scale_value,
+        dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
+    return plan, args
 
 
 def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                  weight_offset, backend):
     """Under torch.compile / torch.export: ``fusednorm::fwd`` with its own autograd formula, no autograd
     Function around it (what an exported program keeps; the backend name stays as given, "auto" included)."""
-    variant, args, name = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                   residual_in_fp32, weight_offset, backend, None)
+    plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                          residual_in_fp32, weight_offset, backend, None)
+    variant = plan.variant
     out = ops.fwd(args.x, args.residual, args.weight, args.bias, args.residual_scale, args.seed, variant.flags,
-                  args.eps, args.scale_value, args.dropout_p, args.weight_offset, name)
+                  args.eps, args.scale_value, args.dropout_p, args.weight_offset, plan.backend)
     y = out[0].view(x.shape)
     return (y, out[1].view(x.shape)) if variant.prenorm else y
 
@@ -105,24 +164,28 @@ def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, d
 def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
                   residual_in_fp32, weight_offset, backend: str | None):
+    """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
     sink = None if torch.compiler.is_compiling() else stats_sink.get()
-    variant, args, name = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                   residual_in_fp32, weight_offset, backend, sink)
-    out = ops.forward(variant, args, name)
+    plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                          residual_in_fp32, weight_offset, backend, sink)
+    out = ops.forward(plan.variant, args, plan.backend)
     if sink is not None:
         sink(out.stats, args.x.shape[-1])
-
-    available = dict(x=args.x, residual=args.residual, h=out.h, weight=args.weight,
-                     residual_scale=args.residual_scale, mean=out.mean, rstd=out.rstd, seed=args.seed)
-    ctx.save_for_backward(*(available[k] for k in variant.saved))
-    ctx.set_materialize_grads(False)
-    ctx.fusednorm = dict(variant=variant, backend=name, x_shape=x.shape, x_dtype=x.dtype, scale_value=args.scale_value,
-                         dropout_p=args.dropout_p, weight_offset=args.weight_offset,
-                         bias_dtype=bias.dtype if bias is not None else None)
+    if ctx is not None:
+        ctx.save_for_backward(*(_saved_tensor(name, args, out) for name in plan.saved))
+        ctx.set_materialize_grads(False)
+        ctx.fusednorm = (plan, x.shape)
     y = _as_output(out.y, x.shape)
-    if variant.prenorm:
+    if plan.variant.prenorm:
         return y, _as_output(out.h, x.shape)
     return y
+
+
+def _saved_tensor(name: str, args: ForwardArgs, out) -> Tensor:
+    """One of ``Variant.saved``: an output of the forward kernel or one of its arguments."""
+    if name in ("h", "mean", "rstd"):
+        return getattr(out, name)
+    return getattr(args, name)
 
 
 def _register_dtensor_rules(x) -> None:
@@ -140,35 +203,37 @@ def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
     tensor made in the forward: autograd forbids in-place changes of such views, while callers may
     modify torch.nn.functional.layer_norm's result in place (y.mul_(), Dropout(inplace=True)). The
     storage and version counter stay shared, so changing a saved h in place still fails the backward."""
-    return t.view(shape).detach()
+    return t if t.shape == shape else t.view(shape).detach()
 
 
 def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[str, Tensor | None]:
     """Gradients by argument name; the caller orders them for its own forward signature."""
-    meta = ctx.fusednorm
-    variant: Variant = meta["variant"]
-    saved = dict(zip(variant.saved, ctx.saved_tensors, strict=True))
-    shape = meta["x_shape"]
-    if dy is None:  # only h got a gradient; zeros_like keeps dh_in's DTensor placement, if it has one
-        dy = (torch.zeros_like(dh_in, dtype=meta["x_dtype"]) if dh_in is not None
-              else torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device))
+    plan, shape = ctx.fusednorm
+    variant: Variant = plan.variant
+    saved = dict(zip(plan.saved, ctx.saved_tensors, strict=True))
+    y_unused = dy is None
+    if y_unused:  # only h got a gradient; zeros_like keeps dh_in's DTensor placement, if it has one
+        dy = (torch.zeros_like(dh_in, dtype=plan.x_dtype) if dh_in is not None
+              else torch.zeros(shape, dtype=plan.x_dtype, device=saved["rstd"].device))
     args = BackwardArgs(
         dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
         dh_in=_rows(dh_in) if dh_in is not None else None, x=saved.get("x"), residual=saved.get("residual"),
         h=saved.get("h"), weight=saved.get("weight"), residual_scale=saved.get("residual_scale"),
-        seed=saved.get("seed"), bias_dtype=meta["bias_dtype"], scale_value=meta["scale_value"],
-        dropout_p=meta["dropout_p"], weight_offset=meta["weight_offset"])
+        seed=saved.get("seed"), bias_dtype=plan.bias_dtype, scale_value=plan.scale_value,
+        dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
     with torch.no_grad():
-        grads = ops.backward(variant, args, meta["backend"])
-    dx = grads.dx.view(shape)
+        grads = ops.backward(variant, args, plan.backend)
+    dx = _as_output(grads.dx, shape)
     if not variant.has_residual:
         dresidual = None
     elif variant.dresidual_is_dx:
         dresidual = dx  # the backend wrote dh once; both inputs get it
     else:
-        dresidual = grads.dresidual.view(shape)
-    return dict(x=dx, residual=dresidual, weight=grads.dweight if variant.has_weight else None,
-                bias=grads.dbias if meta["bias_dtype"] is not None else None,
+        dresidual = _as_output(grads.dresidual, shape)
+    # y unused (a Pre-LN call whose caller only reads h): weight and bias take no part in h, so they get no
+    # gradient (None, as eager autograd gives), not a zero one that weight decay would then act on.
+    return dict(x=dx, residual=dresidual, weight=grads.dweight if variant.has_weight and not y_unused else None,
+                bias=grads.dbias if plan.bias_dtype is not None and not y_unused else None,
                 residual_scale=grads.dscale if variant.learned_scale else None)
 
 
@@ -268,6 +333,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """
     if torch.compiler.is_compiling():
         return _traced_call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    if not torch.is_grad_enabled():  # inference: no autograd Function, nothing saved
+        return _norm_forward(None, False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
     return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend)
 
 
@@ -282,6 +349,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     if torch.compiler.is_compiling():
         return _traced_call(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
                             backend)
+    if not torch.is_grad_enabled():
+        return _norm_forward(None, True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
+                             weight_offset, backend)
     return RMSNormFunction.apply(x, weight, eps, weight_offset, backend)
 
 
@@ -300,6 +370,9 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     if torch.compiler.is_compiling():
         return _traced_call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
+    if not torch.is_grad_enabled():
+        return _norm_forward(None, False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                             residual_in_fp32, weight_offset, backend)
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                                       residual_in_fp32, weight_offset, backend)
 
@@ -312,5 +385,8 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     if torch.compiler.is_compiling():
         return _traced_call(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
+    if not torch.is_grad_enabled():
+        return _norm_forward(None, True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
+                             prenorm, residual_in_fp32, weight_offset, backend)
     return AddRMSNormFunction.apply(x, residual, weight, eps, residual_scale, dropout_p, prenorm,
                                     residual_in_fp32, weight_offset, backend)

@@ -19,7 +19,7 @@ backward is ``fusednorm::bwd``), so they trace without graph breaks and exported
 
 Eager calls on plain tensors skip the dispatcher: ``forward`` / ``backward`` call the backend directly
 (the custom-op dispatch costs more host time than the whole of ATen's layer_norm call). Everything else
-(tracing, DTensor and other tensor subclasses) goes through the ops.
+(tracing, DTensor and other tensor subclasses, an active TorchDispatchMode) goes through the ops.
 """
 
 from __future__ import annotations
@@ -88,22 +88,29 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
     bias = given["bias"]
     ctx.fusednorm = dict(variant=variant, backend=given["backend"], scale_value=given["scale_value"],
                          dropout_p=given["dropout_p"], weight_offset=given["weight_offset"],
-                         bias_dtype=bias.dtype if bias is not None else None)
+                         bias_dtype=bias.dtype if bias is not None else None, y_shape=output[0].shape,
+                         y_dtype=output[0].dtype)
 
 
 def _fwd_backward(ctx, dy, dh_in, _dmean, _drstd, _dstats):
     meta = ctx.fusednorm
     variant: Variant = meta["variant"]
     saved = dict(zip(variant.saved, ctx.saved_tensors, strict=True))
-    grads = bwd(dy, dh_in if variant.prenorm else None, saved.get("x"), saved.get("residual"), saved.get("h"),
-                saved.get("weight"), saved.get("residual_scale"), saved.get("mean", saved["rstd"].new_empty((0,))),
-                saved["rstd"], saved.get("seed"), variant.flags, meta["scale_value"], meta["dropout_p"],
-                meta["weight_offset"], meta["bias_dtype"], meta["backend"])
+    # The kernels read (M, N) rows with unit stride along N; autograd may hand an expanded gradient (stride 0).
+    y_unused = dy is None
+    if y_unused:
+        dy = saved["rstd"].new_zeros(meta["y_shape"], dtype=meta["y_dtype"])
+    dh_in = dh_in.contiguous() if dh_in is not None and variant.prenorm else None
+    grads = bwd(dy.contiguous(), dh_in, saved.get("x"), saved.get("residual"), saved.get("h"), saved.get("weight"),
+                saved.get("residual_scale"), saved.get("mean", saved["rstd"].new_empty((0,))), saved["rstd"],
+                saved.get("seed"), variant.flags, meta["scale_value"], meta["dropout_p"], meta["weight_offset"],
+                meta["bias_dtype"], meta["backend"])
     dresidual = None
     if variant.has_residual:
         dresidual = grads[0] if variant.dresidual_is_dx else grads[1]
-    return (grads[0], dresidual, grads[2] if variant.has_weight else None,
-            grads[3] if meta["bias_dtype"] is not None else None,
+    # y unused: weight and bias take no part in h; no gradient (None), as eager autograd gives.
+    return (grads[0], dresidual, grads[2] if variant.has_weight and not y_unused else None,
+            grads[3] if meta["bias_dtype"] is not None and not y_unused else None,
             grads[4] if variant.learned_scale else None) + (None,) * 7
 
 
@@ -124,8 +131,11 @@ bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 # --------------------------------------------------------------------- the layer functional.py calls
 
 def _eager(t: Tensor) -> bool:
-    """A plain tensor outside any trace: the backend can be called directly."""
-    return type(t) is Tensor and not torch.compiler.is_compiling()
+    """A plain tensor with data (meta tensors get the op's fake results), outside any trace and any
+    TorchDispatchMode (a mode, e.g. a FLOP counter or a memory tracker, must see the op): the backend can be
+    called directly."""
+    return (type(t) is Tensor and not t.is_meta and not torch._C._len_torch_dispatch_stack()
+            and not torch.compiler.is_compiling())
 
 
 def _implementation(backend: str, device: torch.device):

@@ -165,7 +165,7 @@ def _check_h_only(mesh, label):
     _, h = fusednorm.add_rms_norm(x, x.detach(), weight, prenorm=True)
     h.to_local().sum().backward()
     _equal(x.grad.to_local(), torch.ones(B, T // WORLD, N), f"{label} dx")  # dx = dh: y gets no gradient
-    _equal(weight.grad.full_tensor(), torch.zeros(N), f"{label} dweight")
+    assert weight.grad is None, f"{label} dweight: weight takes no part in h (no gradient, as in eager)"
 
 
 def _check_refusals(mesh):

@@ -1,0 +1,220 @@
+"""Host cost per call of every fusednorm op and module against ATen (issue 15, item 1).
+
+On the CPU the kernels are stubbed: the backend fusednorm resolves to is replaced by one that returns
+preallocated results of the right shapes (``StubBackend``), so what is timed is everything fusednorm
+does around a kernel launch: argument checks, Variant, autograd, the op layer, reshapes, allocations of
+small tensors. The references are ATen's own calls, compute included (at 4x64 float32 it is small):
+
+- forward: ``F.layer_norm`` / ``F.rms_norm``'s whole call (the goal: fusednorm's forward <= 2x it);
+- forward+backward: ATen's composed ops, ``x + r`` (or ``r * s + x``), the norm and ``backward`` (the
+  goal: <= 1.5x), with the same tensors requiring grad as in the fusednorm call.
+
+Method: one thread (torch.set_num_threads(1)), ``time.perf_counter`` around ``--calls`` calls, the median
+of ``--repeats`` repeats, in microseconds per call. On a GPU (``--device cuda``) nothing is stubbed: the
+real launch is timed, plain and replayed in a CUDA graph (that part needs a GPU; not run here).
+
+    python benchmarks/overhead.py [--device cpu|cuda] [--out benchmarks/results/overhead_cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fusednorm  # noqa: E402
+from fusednorm import backends  # noqa: E402
+from fusednorm.backends.contract import allocate_backward, allocate_forward  # noqa: E402
+
+FORWARD_GOAL, TRAIN_GOAL = 2.0, 1.5
+
+
+class StubBackend:
+    """A backend whose forward / backward return results preallocated once per (variant, shapes, dtypes)."""
+
+    def __init__(self):
+        self._results = {}
+
+    def _cached(self, key, make):
+        result = self._results.get(key)
+        if result is None:
+            result = self._results[key] = make()
+        return result
+
+    # id(variant): fusednorm's call plans hold their Variant, so the ids are stable here; hashing the frozen
+    # dataclass itself would add its own cost to every call timed.
+    def forward(self, variant, args):
+        return self._cached(("fwd", id(variant), args.x.shape, args.x.dtype), lambda: allocate_forward(variant, args.x))
+
+    def backward(self, variant, args):
+        key = ("bwd", id(variant), args.dy.shape, args.dy.dtype, args.bias_dtype)
+        return self._cached(key, lambda: allocate_backward(variant, args.dy, args.weight, args.residual_scale,
+                                                           args.bias_dtype))
+
+
+def install_stub() -> Callable[[], None]:
+    """Make every backend name resolve to the stub; returns the function that undoes it."""
+    real = backends.implementation
+    stub = StubBackend()
+    backends.implementation = lambda name: stub
+    return lambda: setattr(backends, "implementation", real)
+
+
+def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    for _ in range(max(calls // 10, 5)):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def cuda_graph_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    """Per call when ``calls`` calls are captured in one CUDA graph and replayed (GPU only)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+
+    return per_call_us(replay, 1, repeats) / calls
+
+
+def _cases(rows: int, n: int, device, dtype) -> list[dict]:
+    """(name, fusednorm forward, ATen forward reference, ATen training composition, the inputs needing grad)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype).requires_grad_(grad)
+
+    x, r = rand(rows, n, grad=True), rand(rows, n, grad=True)
+    w, b, s = rand(n, grad=True), rand(n, grad=True), rand(n, grad=True)
+    ln_ref = lambda: F.layer_norm(x, (n,), w, b)  # noqa: E731
+    rms_ref = lambda: F.rms_norm(x, (n,), w, 1e-6)  # noqa: E731
+    modules = {
+        "LayerNorm": fusednorm.LayerNorm(n, device=device, dtype=dtype),
+        "RMSNorm": fusednorm.RMSNorm(n, device=device, dtype=dtype),
+        "AddLayerNorm": fusednorm.AddLayerNorm(n, device=device, dtype=dtype),
+        "AddRMSNorm(prenorm)": fusednorm.AddRMSNorm(n, prenorm=True, device=device, dtype=dtype),
+    }
+    cases = [
+        ("layer_norm", lambda: fusednorm.layer_norm(x, w, b), ln_ref, lambda: F.layer_norm(x, (n,), w, b)),
+        ("rms_norm", lambda: fusednorm.rms_norm(x, w), rms_ref, lambda: F.rms_norm(x, (n,), w, 1e-6)),
+        ("add_layer_norm", lambda: fusednorm.add_layer_norm(x, r, w, b), ln_ref,
+         lambda: F.layer_norm(x + r, (n,), w, b)),
+        ("add_layer_norm(prenorm)", lambda: fusednorm.add_layer_norm(x, r, w, b, prenorm=True), ln_ref,
+         lambda: (lambda h: (F.layer_norm(h, (n,), w, b), h))(x + r)),
+        ("add_layer_norm(learned scale)", lambda: fusednorm.add_layer_norm(x, r, w, b, residual_scale=s), ln_ref,
+         lambda: F.layer_norm(torch.addcmul(x, r, s), (n,), w, b)),
+        ("add_rms_norm", lambda: fusednorm.add_rms_norm(x, r, w), rms_ref, lambda: F.rms_norm(x + r, (n,), w, 1e-6)),
+        ("add_rms_norm(prenorm, constant scale)", lambda: fusednorm.add_rms_norm(x, r, w, residual_scale=0.5,
+                                                                                  prenorm=True), rms_ref,
+         lambda: (lambda h: (F.rms_norm(h, (n,), w, 1e-6), h))(torch.add(x, r, alpha=0.5))),
+        ("LayerNorm module", lambda: modules["LayerNorm"](x), ln_ref, lambda: F.layer_norm(x, (n,), w, b)),
+        ("RMSNorm module", lambda: modules["RMSNorm"](x), rms_ref, lambda: F.rms_norm(x, (n,), w, 1e-6)),
+        ("AddLayerNorm module", lambda: modules["AddLayerNorm"](x, r), ln_ref, lambda: F.layer_norm(x + r, (n,), w, b)),
+        ("AddRMSNorm(prenorm) module", lambda: modules["AddRMSNorm(prenorm)"](x, r), rms_ref,
+         lambda: (lambda h: (F.rms_norm(h, (n,), w, 1e-6), h))(x + r)),
+    ]
+    return [dict(name=name, fused=fused, forward_ref=fref, train_ref=tref) for name, fused, fref, tref in cases]
+
+
+def _train(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn's forward, then backward of the sum of its outputs (gradients accumulate into .grad)."""
+    def step():
+        out = fn()
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward([o.sum() for o in outs])
+    return step
+
+
+def run(device: str, rows: int, n: int, calls: int, repeats: int) -> list[dict]:
+    torch.set_num_threads(1)
+    dev = torch.device(device)
+    rows_out = []
+    undo = install_stub() if dev.type == "cpu" else (lambda: None)
+    try:
+        for case in _cases(rows, n, dev, torch.float32):
+            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+            def timed(fn):
+                return per_call_us(lambda: (fn(), sync()), calls, repeats)
+
+            with torch.no_grad():
+                fwd_nograd = timed(case["fused"])
+                ref_nograd = timed(case["forward_ref"])
+            row = dict(case=case["name"], device=device, rows=rows, n=n, stubbed=dev.type == "cpu",
+                       forward_nograd_us=fwd_nograd, aten_forward_nograd_us=ref_nograd,
+                       forward_us=timed(case["fused"]), aten_forward_us=timed(case["forward_ref"]),
+                       train_us=timed(_train(case["fused"])), aten_train_us=timed(_train(case["train_ref"])))
+            row["forward_nograd_ratio"] = row["forward_nograd_us"] / row["aten_forward_nograd_us"]
+            row["forward_ratio"] = row["forward_us"] / row["aten_forward_us"]
+            row["train_ratio"] = row["train_us"] / row["aten_train_us"]
+            if dev.type == "cuda":
+                with torch.no_grad():
+                    row["forward_graph_us"] = cuda_graph_us(case["fused"], 100, repeats)
+                    row["aten_forward_graph_us"] = cuda_graph_us(case["forward_ref"], 100, repeats)
+            rows_out.append(row)
+    finally:
+        undo()
+    return rows_out
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [f"Host cost per call, us (median of repeats; one thread; {results[0]['rows']}x{results[0]['n']} float32; "
+             f"device {results[0]['device']}; kernels stubbed: {results[0]['stubbed']}). Goals: forward <= "
+             f"{FORWARD_GOAL}x F.layer_norm / F.rms_norm's whole call; forward+backward <= {TRAIN_GOAL}x ATen's "
+             "composed ops.", "",
+             "| case | fwd no_grad | ATen | ratio | fwd (grad) | ATen | ratio | fwd+bwd | ATen composed | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        def mark(ratio, goal):
+            return f"{ratio:.2f}" + ("" if ratio <= goal else " (over)")
+        lines.append(f"| {r['case']} | {r['forward_nograd_us']:.1f} | {r['aten_forward_nograd_us']:.1f} | "
+                     f"{mark(r['forward_nograd_ratio'], FORWARD_GOAL)} | {r['forward_us']:.1f} | "
+                     f"{r['aten_forward_us']:.1f} | {mark(r['forward_ratio'], FORWARD_GOAL)} | {r['train_us']:.1f} | "
+                     f"{r['aten_train_us']:.1f} | {mark(r['train_ratio'], TRAIN_GOAL)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args()
+    results = run(args.device, args.rows, args.n, args.calls, args.repeats)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        with open(args.out + ".json", "w") as f:
+            json.dump(results, f, indent=1)
+        with open(args.out + ".md", "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
