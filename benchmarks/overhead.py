@@ -10,7 +10,8 @@ small tensors. The references are ATen's own calls, compute included (at 4x64 fl
   goal: <= 1.5x), with the same tensors requiring grad as in the fusednorm call.
 
 Method: one thread (torch.set_num_threads(1)), ``time.perf_counter`` around ``--calls`` calls, the median
-of ``--repeats`` repeats, in microseconds per call. On a GPU (``--device cuda``) nothing is stubbed: the
+of ``--repeats`` repeats, in microseconds per call; fusednorm and its reference take turns in each repeat
+(on a shared machine both see the same load). On a GPU (``--device cuda``) nothing is stubbed: the
 real launch is timed, plain and replayed in a CUDA graph (that part needs a GPU; not run here).
 
     python benchmarks/overhead.py [--device cpu|cuda] [--out benchmarks/results/overhead_cpu]
@@ -69,15 +70,23 @@ def install_stub() -> Callable[[], None]:
 
 
 def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    for _ in range(max(calls // 10, 5)):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
+    return paired_us([fn], calls, repeats)[0]
+
+
+def paired_us(fns: list[Callable[[], object]], calls: int, repeats: int) -> list[float]:
+    """us per call of each of ``fns``, medians over ``repeats``; the functions take turns within each repeat,
+    so that a busy machine slows all of them alike (the ratios are what this benchmark is about)."""
+    for fn in fns:
+        for _ in range(max(calls // 10, 5)):
             fn()
-        samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, own in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            own.append((time.perf_counter() - start) / calls * 1e6)
+    return [statistics.median(own) for own in samples]
 
 
 def cuda_graph_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
@@ -154,19 +163,19 @@ def run(device: str, rows: int, n: int, calls: int, repeats: int) -> list[dict]:
     rows_out = []
     undo = install_stub() if dev.type == "cpu" else (lambda: None)
     try:
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+        def timed(*fns):
+            return paired_us([lambda fn=fn: (fn(), sync()) for fn in fns], calls, repeats)
+
         for case in _cases(rows, n, dev, torch.float32):
-            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-            def timed(fn):
-                return per_call_us(lambda: (fn(), sync()), calls, repeats)
-
             with torch.no_grad():
-                fwd_nograd = timed(case["fused"])
-                ref_nograd = timed(case["forward_ref"])
+                fwd_nograd, ref_nograd = timed(case["fused"], case["forward_ref"])
+            fwd, ref = timed(case["fused"], case["forward_ref"])
+            train, train_ref = timed(_train(case["fused"]), _train(case["train_ref"]))
             row = dict(case=case["name"], device=device, rows=rows, n=n, stubbed=dev.type == "cpu",
-                       forward_nograd_us=fwd_nograd, aten_forward_nograd_us=ref_nograd,
-                       forward_us=timed(case["fused"]), aten_forward_us=timed(case["forward_ref"]),
-                       train_us=timed(_train(case["fused"])), aten_train_us=timed(_train(case["train_ref"])))
+                       forward_nograd_us=fwd_nograd, aten_forward_nograd_us=ref_nograd, forward_us=fwd,
+                       aten_forward_us=ref, train_us=train, aten_train_us=train_ref)
             row["forward_nograd_ratio"] = row["forward_nograd_us"] / row["aten_forward_nograd_us"]
             row["forward_ratio"] = row["forward_us"] / row["aten_forward_us"]
             row["train_ratio"] = row["train_us"] / row["aten_train_us"]
