@@ -17,6 +17,11 @@ def _describe(t: torch.Tensor) -> str:
 def check_input(x: object) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError("x must be a dense (strided) tensor, got a nested tensor: pad it, or run the norm on "
+                        "its values (x.values() for a jagged layout)")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}: call x.to_dense() first")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() == 0:

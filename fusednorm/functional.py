@@ -38,6 +38,10 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
+def _rows_or_none(t: Tensor | None) -> Tensor | None:
+    return _rows(t) if t is not None else None
+
+
 def _unit_stride(p: Tensor | None) -> Tensor | None:
     """A (N,) or 0-d parameter with unit stride (a copy only when it is a strided view)."""
     return p.contiguous() if p is not None else None
@@ -71,7 +75,7 @@ _MAX_PLANS = 4096
 
 
 def _tensor_signature(t) -> tuple | None:
-    return None if t is None else (type(t), t.dtype, t.device, t.shape)
+    return None if t is None else (type(t), t.layout, t.dtype, t.device, t.shape)
 
 
 def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
@@ -83,7 +87,7 @@ def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p
         return None
     scale = _tensor_signature(residual_scale) if isinstance(residual_scale, Tensor) else (
         type(residual_scale), residual_scale)
-    return (is_rms, x.dtype, x.device, x.shape, _tensor_signature(residual), _tensor_signature(weight),
+    return (is_rms, x.layout, x.dtype, x.device, x.shape, _tensor_signature(residual), _tensor_signature(weight),
             _tensor_signature(bias), scale, type(eps), eps, type(dropout_p), dropout_p, prenorm, type(prenorm),
             residual_in_fp32, type(residual_in_fp32), type(weight_offset), weight_offset, backend,
             backends.get_backend(), store_stats)
@@ -129,7 +133,7 @@ def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | 
     try:
         key = _signature(*call)
         plan = _PLANS.get(key) if key is not None else None
-    except (TypeError, AttributeError, IndexError):  # unhashable or not a tensor: the checks will say so
+    except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: the checks say so
         key = plan = None
     if plan is None:
         plan = _checked_plan(*call)
@@ -172,7 +176,7 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     if sink is not None:
         sink(out.stats, args.x.shape[-1])
     if ctx is not None:
-        ctx.save_for_backward(*(_saved_tensor(name, args, out) for name in plan.saved))
+        ctx.save_for_backward(*(_saved_tensor(name, args, out, x, residual) for name in plan.saved))
         ctx.set_materialize_grads(False)
         ctx.fusednorm = (plan, x.shape)
     y = _as_output(out.y, x.shape)
@@ -181,10 +185,17 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     return y
 
 
-def _saved_tensor(name: str, args: ForwardArgs, out) -> Tensor:
-    """One of ``Variant.saved``: an output of the forward kernel or one of its arguments."""
+def _saved_tensor(name: str, args: ForwardArgs, out, x: Tensor, residual: Tensor | None) -> Tensor:
+    """One of ``Variant.saved``: an output of the forward kernel or one of its arguments. x and the residual
+    are saved as the caller gave them, not as the (M, N) views made here under no_grad: changing them in
+    place before the backward then fails with autograd's "modified by an inplace operation" (a view made
+    in no_grad mode would fail with a message about views instead); the backward takes the rows again."""
     if name in ("h", "mean", "rstd"):
         return getattr(out, name)
+    if name == "x":
+        return x
+    if name == "residual":
+        return residual
     return getattr(args, name)
 
 
@@ -217,7 +228,8 @@ def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[
               else torch.zeros(shape, dtype=plan.x_dtype, device=saved["rstd"].device))
     args = BackwardArgs(
         dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
-        dh_in=_rows(dh_in) if dh_in is not None else None, x=saved.get("x"), residual=saved.get("residual"),
+        dh_in=_rows(dh_in) if dh_in is not None else None, x=_rows_or_none(saved.get("x")),
+        residual=_rows_or_none(saved.get("residual")),
         h=saved.get("h"), weight=saved.get("weight"), residual_scale=saved.get("residual_scale"),
         seed=saved.get("seed"), bias_dtype=plan.bias_dtype, scale_value=plan.scale_value,
         dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
@@ -249,6 +261,7 @@ def _ordered(ctx, grads: dict, names: tuple[str, ...]) -> tuple:
 def _not_differentiable_again(grads: tuple) -> tuple:
     """With create_graph=True, gradients whose own backward raises a clear error: the backward kernels have
     no derivative (the torch backend's ops would otherwise record a partial, wrong one)."""
+    _eager_checks()
     if not torch.is_grad_enabled():
         return grads
     present = [g for g in grads if g is not None]
@@ -314,6 +327,17 @@ class AddRMSNormFunction(torch.autograd.Function):
         return _ordered(ctx, grads, ("x", "residual", "weight", "", "residual_scale"))
 
 
+FUNCTORCH_MESSAGE = ("fusednorm does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): its autograd "
+                     "Functions save intermediate row statistics, which these transforms cannot wrap. Call fusednorm "
+                     "outside the transform, or use torch.nn.functional.layer_norm / rms_norm inside it")
+
+
+def _eager_checks() -> None:
+    """Raise a clear error inside a torch.func transform (autograd's own says to 'override setup_context')."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(FUNCTORCH_MESSAGE)
+
+
 def _rms_eps(eps, x):
     """eps=None means the machine epsilon of the dtype torch computes in, as torch.nn.RMSNorm does:
     float32's for 16-bit and 32-bit x (torch upcasts first), float64's for float64 x."""
@@ -333,6 +357,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """
     if torch.compiler.is_compiling():
         return _traced_call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    _eager_checks()
     if not torch.is_grad_enabled():  # inference: no autograd Function, nothing saved
         return _norm_forward(None, False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
     return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend)
@@ -349,6 +374,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     if torch.compiler.is_compiling():
         return _traced_call(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
                             backend)
+    _eager_checks()
     if not torch.is_grad_enabled():
         return _norm_forward(None, True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
                              weight_offset, backend)
@@ -370,6 +396,7 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     if torch.compiler.is_compiling():
         return _traced_call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
+    _eager_checks()
     if not torch.is_grad_enabled():
         return _norm_forward(None, False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                              residual_in_fp32, weight_offset, backend)
@@ -385,6 +412,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     if torch.compiler.is_compiling():
         return _traced_call(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
+    _eager_checks()
     if not torch.is_grad_enabled():
         return _norm_forward(None, True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
                              prenorm, residual_in_fp32, weight_offset, backend)

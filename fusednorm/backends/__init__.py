@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from types import ModuleType
 
 import torch
@@ -43,6 +44,11 @@ def _why_unavailable(name: str, device: torch.device | None) -> str | None:
                     "set TRITON_INTERPRET=1 before importing triton to run its kernels on the CPU")
         if device is None and not torch.cuda.is_available() and not _triton_interpreted():
             return "triton backend needs a CUDA GPU or TRITON_INTERPRET=1"
+        if (device is None or device.type != "cuda") and _triton_interpreted() and _triton_compiled_for_gpu():
+            return ("triton backend unavailable on the CPU: TRITON_INTERPRET=1 was set after triton had been "
+                    "imported (triton's own library functions were then built for the GPU, and interpreted kernels "
+                    "cannot call them). Set TRITON_INTERPRET=1 before anything imports triton (torch.compile and "
+                    "torch._dynamo do): in the environment of the process, or first thing in the script")
         return None
     if name == "cuda":
         from . import cuda_impl
@@ -54,6 +60,12 @@ def _why_unavailable(name: str, device: torch.device | None) -> str | None:
             return f"cuda backend needs CUDA tensors (got {device.type} tensors)"
         return None
     raise AssertionError(name)
+
+
+def _triton_compiled_for_gpu() -> bool:
+    """triton was imported without the interpreter: its library functions (tl.sum, ...) are GPU JITFunctions."""
+    standard = sys.modules.get("triton.language.standard")
+    return standard is not None and type(standard.sum).__name__ != "InterpretedFunction"
 
 
 # Under torch.compile the answer is a constant of the graph: Dynamo calls this at trace time instead of
