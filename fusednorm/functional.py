@@ -79,11 +79,11 @@ def _tensor_signature(t) -> tuple | None:
 
 
 def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-               weight_offset, backend, store_stats) -> tuple | None:
+               weight_offset, backend, store_stats, compiling: bool) -> tuple | None:
     """Everything the checks and the plan depend on, as a hashable key; None when the call is not a plain
     eager one (the full checks then run, and raise with their exact messages if something is off). Python
     scalars go in with their types: True == 1.0 as keys, but the checks treat them differently."""
-    if type(x) is not Tensor or torch.compiler.is_compiling():
+    if type(x) is not Tensor or compiling:
         return None
     scale = _tensor_signature(residual_scale) if isinstance(residual_scale, Tensor) else (
         type(residual_scale), residual_scale)
@@ -123,7 +123,7 @@ def _checked_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, 
 
 def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps,
              residual_scale: ResidualScale, dropout_p, prenorm, residual_in_fp32, weight_offset, backend: str | None,
-             sink) -> tuple[_Plan, ForwardArgs]:
+             sink, compiling: bool) -> tuple[_Plan, ForwardArgs]:
     """Validate a call and describe it: (its plan, the backend's arguments as (M, N) rows).
 
     The name is resolved ("auto" -> a backend) in eager mode; traced calls keep the name as given (the op
@@ -131,7 +131,7 @@ def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | 
     call = (is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
             weight_offset, backend, sink is not None)
     try:
-        key = _signature(*call)
+        key = _signature(*call, compiling)
         plan = _PLANS.get(key) if key is not None else None
     except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: the checks say so
         key = plan = None
@@ -157,7 +157,7 @@ def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, d
     """Under torch.compile / torch.export: ``fusednorm::fwd`` with its own autograd formula, no autograd
     Function around it (what an exported program keeps; the backend name stays as given, "auto" included)."""
     plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                          residual_in_fp32, weight_offset, backend, None)
+                          residual_in_fp32, weight_offset, backend, None, True)
     variant = plan.variant
     out = ops.fwd(args.x, args.residual, args.weight, args.bias, args.residual_scale, args.seed, variant.flags,
                   args.eps, args.scale_value, args.dropout_p, args.weight_offset, plan.backend)
@@ -169,9 +169,10 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
                   residual_in_fp32, weight_offset, backend: str | None):
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
-    sink = None if torch.compiler.is_compiling() else stats_sink.get()
+    compiling = torch.compiler.is_compiling()  # only when a Function is applied under torch.compile directly
+    sink = None if compiling else stats_sink.get()
     plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                          residual_in_fp32, weight_offset, backend, sink)
+                          residual_in_fp32, weight_offset, backend, sink, compiling)
     out = ops.forward(plan.variant, args, plan.backend)
     if sink is not None:
         sink(out.stats, args.x.shape[-1])

@@ -53,7 +53,7 @@ def _bytes(tensors) -> int:
 
 F32, F16, BF16, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
 MN, ROW, COL = (M, N), (M,), (N,)
-SHAPE = (2, M // 2, N)  # leading dims are flattened to M rows: saved tensors are (M, N) views
+SHAPE = (2, M // 2, N)  # leading dims are flattened to M rows; x and the residual are saved as given
 _SLOW = not torch.cuda.is_available()  # triton runs interpreted: a covering subset of the variants
 
 # DESIGN section 5 in words, for a few variants: the list ``Variant.saved`` must give (and the test below
@@ -92,7 +92,7 @@ def _leaves(case: Case) -> dict:
 def _expected(case: Case) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each tensor of ``case.variant.saved``."""
     v, x_dtype, pdt = case.variant, case.dtype, case.param_dtype or case.dtype
-    signature = dict(x=(MN, x_dtype), residual=(MN, v.residual_dtype(x_dtype)), h=(MN, v.h_dtype(x_dtype)),
+    signature = dict(x=(SHAPE, x_dtype), residual=(SHAPE, v.residual_dtype(x_dtype)), h=(MN, v.h_dtype(x_dtype)),
                      weight=(COL, pdt), residual_scale=(COL if v.scale_kind == ScaleKind.VECTOR else (), pdt),
                      mean=(ROW, F32), rstd=(ROW, F32), seed=((1,), I64))
     return [signature[name] for name in v.saved]
