@@ -124,6 +124,12 @@ def resolve(backend: str | None, device: torch.device) -> str:
     return name
 
 
+_IMPLEMENTATIONS: dict[str, ModuleType] = {}
+
+
 def implementation(name: str) -> ModuleType:
-    """The module with ``forward``/``backward`` for a resolved backend name."""
-    return importlib.import_module(f".{name}_impl", __name__)
+    """The module with ``forward``/``backward`` for a resolved backend name (imported at its first use)."""
+    module = _IMPLEMENTATIONS.get(name)
+    if module is None:
+        module = _IMPLEMENTATIONS[name] = importlib.import_module(f".{name}_impl", __name__)
+    return module
