@@ -14,14 +14,13 @@ narrower than x's brings its own atol.
 
 from __future__ import annotations
 
-import importlib.util
 import zlib
 
 import pytest
 import torch
+from _backend_targets import TARGETS, target_fixture  # tests/ is on sys.path (pytest's rootdir import)
 
 import fusednorm
-from fusednorm.backends import cuda_impl
 from fusednorm.testing import (
     ATOL,
     Case,
@@ -33,52 +32,19 @@ from fusednorm.testing import (
     torch_outputs,
 )
 
-try:
-    import _cuda_emulation  # tests/ is on sys.path (pytest's rootdir import)
-except ImportError:
-    _cuda_emulation = None
-
-HAS_CUDA = torch.cuda.is_available()
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 PARAMS = ("weight", "bias", "residual_scale")
 
-# (x dtype, parameter dtype): none of them is (x's dtype or float32), which the kernels read directly.
+# (x dtype, parameter dtype): all but (float64, float32) were rejected before; the cuda kernels read only x's
+# dtype and float32, so the cuda backend converts the others (and (float64, float32) is its control).
 MIXED = ((F16, BF16), (BF16, F16), (F32, BF16), (F32, F16), (F64, F32), (F64, BF16), (F16, F64), (F32, F64))
 # Every parameter kind: weight + bias (LayerNorm), a (N,) learned scale with the Pre-LN h, a 0-d one (RMSNorm).
 VARIANTS = ("layer_norm", "add_layer_norm[vector,prenorm]", "add_rms_norm[scalar]")
 
 
-def _why_no_real_cuda() -> str | None:
-    if not HAS_CUDA:
-        return "needs a CUDA GPU"
-    return None if "cuda" in fusednorm.available_backends("cuda") else cuda_impl.why_unavailable()
-
-
-def _emulate(monkeypatch) -> None:
-    if _cuda_emulation is None:
-        pytest.skip("tests/_cuda_emulation.py is absent")
-    _cuda_emulation.install_as_cuda(monkeypatch)
-
-
-# (backend name, device, set-up): the backends as this machine runs them.
-TARGETS = [
-    pytest.param(("torch", "cpu", None), id="torch"),
-    pytest.param(("triton", "cuda" if HAS_CUDA else "cpu", None), id="triton-gpu" if HAS_CUDA else "triton-interpreted",
-                 marks=[pytest.mark.gpu] * HAS_CUDA + [pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                                                          reason="triton is not installed")]),
-    pytest.param(("cuda", "cpu", _emulate), id="cuda-emulated"),
-    pytest.param(("cuda", "cuda", None), id="cuda-gpu",
-                 marks=[pytest.mark.gpu, pytest.mark.skipif(_why_no_real_cuda() is not None,
-                                                            reason=str(_why_no_real_cuda()))]),
-]
-
-
 @pytest.fixture(params=TARGETS)
 def target(request, monkeypatch) -> tuple[str, str]:
-    backend, device, setup = request.param
-    if setup is not None:
-        setup(monkeypatch)
-    return backend, device
+    return target_fixture(request, monkeypatch)
 
 
 def check_mixed(case: Case, backend: str, device: str) -> None:
