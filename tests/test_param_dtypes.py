@@ -14,6 +14,7 @@ narrower than x's brings its own atol.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from _backend_targets import TARGETS, target_fixture  # tests/ is on sys.path (pytest's rootdir import)
 
 import fusednorm
+from fusednorm import ops
 from fusednorm.testing import (
     ATOL,
     Case,
@@ -34,6 +36,7 @@ from fusednorm.testing import (
 
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 PARAMS = ("weight", "bias", "residual_scale")
+OPS = {"fwd": torch.ops.fusednorm.fwd.default, "bwd": torch.ops.fusednorm.bwd.default}
 
 # (x dtype, parameter dtype): all but (float64, float32) were rejected before; the cuda kernels read only x's
 # dtype and float32, so the cuda backend converts the others (and (float64, float32) is its control).
@@ -110,3 +113,32 @@ def test_non_floating_parameters_are_rejected(make, message):
     with pytest.raises(TypeError, match=message):
         fusednorm.add_layer_norm(x, torch.randn(2, 8), kwargs.pop("weight"), kwargs.pop("bias"), **kwargs,
                                  backend="torch")
+
+
+def test_opcheck_with_parameters_of_other_dtypes(target, monkeypatch):
+    """The op layer's fake functions give each parameter gradient its parameter's dtype, as the backends do
+    (torch.library.opcheck on the arguments a public call passes: fp16 x, bf16 weight/bias/scale)."""
+    backend, device = target
+    if device != "cpu":
+        pytest.skip("the recorded CPU arguments")
+    recorded = {}
+
+    def recording(name, real):
+        def record(variant, args, backend_name):
+            values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+            values |= {"variant": variant.flags, "backend": backend_name}
+            op = OPS[name]
+            recorded[name] = tuple(values[a.name].detach() if isinstance(values[a.name], torch.Tensor)
+                                   else values[a.name] for a in op._schema.arguments)
+            return real(variant, args, backend_name)
+        return record
+
+    case = Case("add_layer_norm[vector,prenorm]", (5, 12), F16, BF16)
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "forward", recording("fwd", ops.forward))
+        patch.setattr(ops, "backward", recording("bwd", ops.backward))
+        run_fused(case, make_inputs(case, generator=torch.Generator().manual_seed(0)), backend)
+    for name, args in recorded.items():
+        result = torch.library.opcheck(OPS[name], args)
+        assert all(v == "SUCCESS" for v in result.values()), (name, result)
+    assert {recorded["bwd"][5].dtype, recorded["bwd"][6].dtype} == {BF16}  # weight and scale reach bwd as bf16
