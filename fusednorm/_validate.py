@@ -86,7 +86,7 @@ def check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     value = _as_float(eps)
-    # inf would make every rstd 0 (y = bias) and NaN every output: neither is a norm.
+    # eps = inf would make every rstd 0 (y = bias whatever x), NaN every output NaN: neither is a norm.
     if not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"eps must be a finite float >= 0, got {eps}")
     return value

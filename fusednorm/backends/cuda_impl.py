@@ -114,9 +114,9 @@ def _require(x: torch.Tensor) -> None:
 
 # The kernels read a parameter (weight, bias, residual_scale) in x's dtype or in float32 (one flag per
 # operand, csrc/fusednorm.h); any other floating dtype (bf16 weights with fp16 x, fp16 weights with bf16 x,
-# float64 weights with float32 x) is converted here to the compute dtype -- N elements, exact for every
-# dtype narrower than it -- which is what the kernels would compute with anyway. The gradients come back in
-# that dtype and are rounded once to the parameter's own.
+# float64 weights with float32 x) is converted here to the compute dtype, N elements: exact for a narrower
+# dtype, and a float64 parameter beside narrower x is rounded to float32 once, as every backend computes
+# with it. The gradients come back in the compute dtype and are rounded once to the parameter's own.
 
 
 def _kernel_dtype(p: Tensor | None, x_dtype: torch.dtype) -> Tensor | None:
