@@ -133,3 +133,20 @@ def test_float64_constant_scale_keeps_its_digits(target):
     h_err, y_err = errors(backend, device)
     assert h_err <= ulp, (h_err / ulp, "ulp")
     assert y_err <= 2 * torch_y + ulp, (y_err, torch_y)
+
+
+@pytest.mark.parametrize("function", ["layer_norm", "rms_norm"])
+def test_smallest_normal_eps_keeps_a_constant_row_finite(target, function):
+    """README: with eps = float32's smallest normal number a float32 row of variance 0 (RMSNorm: of zeros)
+    still gives y = bias (0) and a finite gradient: eps does not become 0 in the float32 compute dtype."""
+    backend, device = target
+    eps = torch.finfo(torch.float32).tiny
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    x[0] = 0.0 if function == "rms_norm" else 1.5
+    x = x.to(device).requires_grad_()
+    w, b = torch.ones(8, device=device), torch.full((8,), 0.25, device=device)
+    y = (fusednorm.rms_norm(x, w, eps, backend=backend) if function == "rms_norm"
+         else fusednorm.layer_norm(x, w, b, eps, backend=backend))
+    y.backward(torch.ones_like(y).index_fill_(1, torch.tensor([0], device=device), -7.0))
+    assert torch.equal(y[0].detach().cpu(), torch.zeros(8) if function == "rms_norm" else b.cpu())
+    assert torch.isfinite(x.grad).all()
