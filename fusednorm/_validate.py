@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -82,12 +83,18 @@ def _as_float(value: numbers.Real) -> float:
         return math.inf if value > 0 else -math.inf
 
 
+def _finite(value: float) -> bool:
+    """Whether value is finite, in comparisons only: torch.compile traces them on a symbolic float
+    (math.isfinite would break the graph)."""
+    return abs(value) <= sys.float_info.max
+
+
 def check_eps(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
     value = _as_float(eps)
     # eps = inf would make every rstd 0 (y = bias whatever x), NaN every output NaN: neither is a norm.
-    if not (value >= 0.0 and math.isfinite(value)):
+    if not (value >= 0.0 and _finite(value)):
         raise ValueError(f"eps must be a finite float >= 0, got {eps}")
     return value
 
@@ -124,7 +131,7 @@ def check_residual_scale(scale: object, residual: object, x: torch.Tensor) -> No
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError("residual_scale must be None, a Python float or a tensor of shape () or (N,), "
                         f"got {type(scale).__name__}")
-    if not math.isfinite(_as_float(scale)):
+    if not _finite(_as_float(scale)):
         raise ValueError(f"residual_scale must be a finite float, got {scale}")
 
 
@@ -133,7 +140,7 @@ def check_weight_offset(weight_offset: object, weight: object) -> float:
     if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
         raise TypeError(f"weight_offset must be a Python float, got {type(weight_offset).__name__}")
     weight_offset = _as_float(weight_offset)
-    if not math.isfinite(weight_offset):
+    if not _finite(weight_offset):
         raise ValueError(f"weight_offset must be finite, got {weight_offset}")
     if weight_offset != 0.0 and weight is None:
         raise ValueError("weight_offset was given but weight is None: the affine weight is (weight + weight_offset)")
