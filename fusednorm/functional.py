@@ -351,7 +351,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
                *, weight_offset: float = 0.0, backend: str | None = None) -> Tensor:
     """LayerNorm over the last dimension with float32 statistics.
 
-    x: (..., N) float16/bfloat16/float32/float64. weight, bias: (N,) in x's dtype or float32, or None.
+    x: (..., N) float16/bfloat16/float32/float64. weight, bias: (N,) in any of those dtypes (gradients in
+    their own), or None.
     weight_offset: the affine weight is (weight + weight_offset), summed in float32 (Gemma's (1 + w)).
     Returns y: x's shape and dtype. backend: "auto", "torch", "triton", "cuda" or None (the global
     choice, see ``fusednorm.set_backend``). Raises TypeError/ValueError naming a bad argument.

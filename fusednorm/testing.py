@@ -373,14 +373,6 @@ def check_case(case: Case, backend: str | None, device="cpu", seed: int = 0, ext
     return results
 
 
-def interpreter_allowance(backend: str, case: Case, device) -> float:
-    """The extra atol (relative, like ATOL) of interpreted Triton: the interpreter truncates float32 ->
-    bfloat16 instead of rounding, one more bf16 ulp. Nothing else is loosened."""
-    if backend == "triton" and torch.device(device).type == "cpu" and case.dtype == torch.bfloat16:
-        return 2.0**-7
-    return 0.0
-
-
 def gradcheck_case(case: Case, backend: str, device="cpu", fast_mode: bool = False) -> bool:
     """torch.autograd.gradcheck of the case's public function in float64 (``case.dtype`` must be float64),
     every tensor argument a leaf. fast_mode=True checks random projections instead of one finite difference

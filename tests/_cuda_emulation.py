@@ -5,8 +5,10 @@ barriers and warp shuffles emulated) together with the host code the GPU path ru
 parameter structs filled from tensor descriptions, the flag word and the scalars; the backward's
 partial rows and fixed-order column sums). This module builds it with g++ (cached by the sources'
 hash), describes tensors to it through ctypes (one small struct, host.h's TensorView) and implements
-the backend contract of fusednorm/backends/contract.py over it. Results are allocated here with the
-contract's own ``allocate_forward`` / ``allocate_backward``; everything else is C++.
+the backend contract of fusednorm/backends/contract.py over it, inside the Python host steps of the real
+backend (``cuda_impl.run_forward`` / ``run_backward``: parameter dtypes the kernels do not read). Results
+are allocated here with the contract's own ``allocate_forward`` / ``allocate_backward``; everything else is
+C++.
 
 Needs g++ (C++20) and the CUDA headers (cuda_fp16.h, cuda_bf16.h); without them the callers skip.
 """
@@ -26,6 +28,7 @@ import pytest
 import torch
 
 from fusednorm import backends
+from fusednorm.backends import cuda_impl
 from fusednorm.backends.contract import (
     BackwardArgs,
     ForwardArgs,
@@ -118,6 +121,12 @@ class EmulatedBackend:
         self.lib = lib
 
     def forward(self, variant: Variant, args: ForwardArgs) -> ForwardResult:
+        return cuda_impl.run_forward(self._forward_kernels, variant, args)
+
+    def backward(self, variant: Variant, args: BackwardArgs) -> Gradients:
+        return cuda_impl.run_backward(self._backward_kernels, variant, args)
+
+    def _forward_kernels(self, variant: Variant, args: ForwardArgs) -> ForwardResult:
         out = allocate_forward(variant, args.x)
         if args.x.numel() == 0:
             return out
@@ -127,7 +136,7 @@ class EmulatedBackend:
                                               a.weight_offset, NUM_SMS, BLOCKS_PER_SM), variant.flags)
         return out
 
-    def backward(self, variant: Variant, args: BackwardArgs) -> Gradients:
+    def _backward_kernels(self, variant: Variant, args: BackwardArgs) -> Gradients:
         grads = allocate_backward(variant, args.dy, args.weight, args.residual_scale, args.bias_dtype)
         if args.dy.numel() == 0:
             return zero_parameter_gradients(grads)

@@ -12,9 +12,9 @@ from fusednorm.testing import variant
 
 def test_float64_statistics_are_float64():
     plain = variant("layer_norm[no_weight,no_bias]")
-    _, _, mean, rstd = ops.forward(plain, ForwardArgs(torch.randn(3, 8, dtype=torch.float64)), "torch")
+    _, _, mean, rstd, _ = ops.forward(plain, ForwardArgs(torch.randn(3, 8, dtype=torch.float64)), "torch")
     assert mean.dtype == rstd.dtype == torch.float64
-    _, _, mean, rstd = ops.forward(plain, ForwardArgs(torch.randn(3, 8, dtype=torch.bfloat16)), "torch")
+    _, _, mean, rstd, _ = ops.forward(plain, ForwardArgs(torch.randn(3, 8, dtype=torch.bfloat16)), "torch")
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (3,)
 
 

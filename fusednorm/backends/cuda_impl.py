@@ -10,20 +10,33 @@ TORCH_LIBRARY_FRAGMENT; csrc/ops.cpp):
 - without a GPU too: ``cuda_launch_config`` (the launch heuristic), ``cuda_variant_facts`` (the C++
   facts of a flag word), ``cuda_keep_threshold`` (the dropout threshold) and ``cuda_philox_r0``.
 
-``forward``/``backward`` below implement the backend contract (``backends/contract.py``). The module
+``forward``/``backward`` below implement the backend contract (``backends/contract.py``): the compiled
+ops inside ``run_forward`` / ``run_backward``, the host steps that give the kernels their parameters in a
+dtype they read (tests/_cuda_emulation.py runs the emulated kernels inside the same steps). The module
 imports without the extension; ``why_unavailable()`` says why the backend cannot run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from ..variant import Variant
-from .contract import BackwardArgs, ForwardArgs, ForwardResult, Gradients, allocate_backward, allocate_forward
+from .contract import (
+    BackwardArgs,
+    ForwardArgs,
+    ForwardResult,
+    Gradients,
+    allocate_backward,
+    allocate_forward,
+    compute_dtype,
+)
 
 _loaded: bool | None = None  # None: not tried yet
 _load_error: str | None = None
@@ -99,22 +112,75 @@ def _require(x: torch.Tensor) -> None:
                          "use backend='torch' (or 'triton') for CPU tensors")
 
 
-def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
-    """The backend contract's forward (backends/contract.py)."""
-    _require(args.x)
-    a = args
+# The kernels read a parameter (weight, bias, residual_scale) in x's dtype or in float32 (one flag per
+# operand, csrc/fusednorm.h); any other floating dtype (bf16 weights with fp16 x, fp16 weights with bf16 x,
+# float64 weights with float32 x) is converted here to the compute dtype, N elements: exact for a narrower
+# dtype, and a float64 parameter beside narrower x is rounded to float32 once, as every backend computes
+# with it. The gradients come back in the compute dtype and are rounded once to the parameter's own.
+
+
+def _kernel_dtype(p: Tensor | None, x_dtype: torch.dtype) -> Tensor | None:
+    if p is None or p.dtype in (x_dtype, torch.float32):
+        return p
+    return p.to(compute_dtype(x_dtype))
+
+
+def _bias_kernel_dtype(bias_dtype: torch.dtype | None, x_dtype: torch.dtype) -> torch.dtype | None:
+    if bias_dtype is None or bias_dtype in (x_dtype, torch.float32):
+        return bias_dtype
+    return compute_dtype(x_dtype)
+
+
+def _as_dtype(gradient: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return gradient.to(dtype) if dtype is not None else gradient
+
+
+def run_forward(kernels: Callable[[Variant, ForwardArgs], ForwardResult], variant: Variant,
+                args: ForwardArgs) -> ForwardResult:
+    """The host step of the forward around ``kernels`` (the compiled op, or tests/_cuda_emulation.py's):
+    parameters in dtypes the kernels do not read are converted (see above)."""
+    dtype = args.x.dtype
+    return kernels(variant, dataclasses.replace(
+        args, weight=_kernel_dtype(args.weight, dtype), bias=_kernel_dtype(args.bias, dtype),
+        residual_scale=_kernel_dtype(args.residual_scale, dtype)))
+
+
+def run_backward(kernels: Callable[[Variant, BackwardArgs], Gradients], variant: Variant,
+                 args: BackwardArgs) -> Gradients:
+    """The host steps of the backward around ``kernels``: parameters converted as in ``run_forward``, their
+    gradients returned in the parameters' own dtypes."""
+    dtype = args.dy.dtype
+    grads = kernels(variant, dataclasses.replace(
+        args, weight=_kernel_dtype(args.weight, dtype), residual_scale=_kernel_dtype(args.residual_scale, dtype),
+        bias_dtype=_bias_kernel_dtype(args.bias_dtype, dtype)))
+    return grads._replace(
+        dweight=_as_dtype(grads.dweight, args.weight.dtype if args.weight is not None else None),
+        dbias=_as_dtype(grads.dbias, args.bias_dtype),
+        dscale=_as_dtype(grads.dscale, args.residual_scale.dtype if args.residual_scale is not None else None))
+
+
+def _compiled_forward(variant: Variant, a: ForwardArgs) -> ForwardResult:
     return ForwardResult(*torch.ops.fusednorm.cuda_fwd(
         a.x, a.residual, a.weight, a.bias, a.residual_scale, a.seed, variant.flags, a.eps, a.scale_value, a.dropout_p,
         a.weight_offset))
 
 
-def backward(variant: Variant, args: BackwardArgs) -> Gradients:
-    """The backend contract's backward (backends/contract.py)."""
-    _require(args.dy)
-    a = args
+def _compiled_backward(variant: Variant, a: BackwardArgs) -> Gradients:
     return Gradients(*torch.ops.fusednorm.cuda_bwd(
         a.dy, a.dh_in, a.x, a.residual, a.h, a.weight, a.residual_scale, a.mean, a.rstd, a.seed, variant.flags,
         a.scale_value, a.dropout_p, a.weight_offset, a.bias_dtype))
+
+
+def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
+    """The backend contract's forward (backends/contract.py)."""
+    _require(args.x)
+    return run_forward(_compiled_forward, variant, args)
+
+
+def backward(variant: Variant, args: BackwardArgs) -> Gradients:
+    """The backend contract's backward (backends/contract.py)."""
+    _require(args.dy)
+    return run_backward(_compiled_backward, variant, args)
 
 
 def _register_fakes() -> None:

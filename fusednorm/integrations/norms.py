@@ -59,8 +59,6 @@ def hf_rms_norm(x: Tensor, weight: Tensor, eps: float, rule: str, weight_offset:
     if out_dtype != x.dtype and torch.promote_types(x.dtype, out_dtype) == out_dtype:
         # A wider output (bf16 x, float32 weight): HF computes the product in that dtype; so do we.
         x = x.to(out_dtype)
-    if weight.dtype not in (x.dtype, torch.float32):
-        weight = weight.float()  # the kernels take weights in x's dtype or float32; the upcast is exact
     y = F.rms_norm(x, weight, eps, weight_offset=weight_offset)
     # A narrower output (T5 with bf16 weights, float32 x): computed in x's dtype, rounded once.
     return y if y.dtype == out_dtype else y.to(out_dtype)
