@@ -64,10 +64,10 @@ def _aten_kernels(h: Tensor) -> bool:
     instead of ~10 composed ops and their temporaries.
     They take the very h this backend normalizes (the stored, rounded h when the variant stores h: DESIGN
     section 2) in the compute dtype, with float32 (float64) statistics; Welford moments, never
-    E[h^2] - E[h]^2. The LayerNorm backward takes dh from native_layer_norm_backward but computes dweight
-    itself: ATen's dweight (xhat as h * rstd - mean * rstd) misses DESIGN section 6's bound when
-    |mean| * rstd is large (a 1-column row: 2.6e-5 against a bound of 3.8e-6). aten._fused_rms_norm_backward
-    has no CPU kernel: the RMSNorm backward is composed."""
+    E[h^2] - E[h]^2. The forward only: aten._fused_rms_norm_backward has no CPU kernel, and
+    native_layer_norm_backward (xhat as h * rstd - mean * rstd) misses DESIGN section 6's bound when
+    |mean| * rstd is large: dweight of a 1-column row (2.6e-5 against a bound of 3.8e-6), dx of a constant
+    float64 row with eps = 1e-60 (tests/test_host_scalars.py)."""
     return h.device.type == "cpu" and h.shape[0] > 0
 
 
@@ -128,16 +128,12 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
     dyf = dy.to(cd)
     w = _affine_weight(args.weight, args.weight_offset, cd)
     xhat = hf * rstd if variant.is_rms else (hf - args.mean[:, None]) * rstd
-    if not variant.is_rms and _aten_kernels(hf):
-        dh = torch.ops.aten.native_layer_norm_backward(dyf, hf, [hf.shape[-1]], args.mean[:, None], rstd, w, None,
-                                                       [True, False, False])[0]
+    g = dyf * w if w is not None else dyf
+    mean_gxhat = (g * xhat).mean(-1, keepdim=True)
+    if variant.is_rms:
+        dh = rstd * (g - xhat * mean_gxhat)
     else:
-        g = dyf * w if w is not None else dyf
-        mean_gxhat = (g * xhat).mean(-1, keepdim=True)
-        if variant.is_rms:
-            dh = rstd * (g - xhat * mean_gxhat)
-        else:
-            dh = rstd * (g - g.mean(-1, keepdim=True) - xhat * mean_gxhat)
+        dh = rstd * (g - g.mean(-1, keepdim=True) - xhat * mean_gxhat)
     if args.dh_in is not None:
         dh = dh + args.dh_in.to(cd)
 
