@@ -3,7 +3,8 @@
 Flags: those of ``fusednorm.variant.Variant.triton_forward_flags`` (IS_RMS, HAS_RESIDUAL, SCALE_KIND
 (0: none, 1: host constant, 2: 0-d tensor, 3: (N,) tensor), HAS_DROPOUT, STORE_H, HAS_WEIGHT,
 HAS_BIAS), plus the launch's COMPUTE (tl.float32, or tl.float64 for float64 inputs), BLOCK_N (columns
-per block) and NUM_CHUNKS (column blocks per row: 1 = the whole row in registers). Host floats
+per block), ROWS (rows per tile: several for short rows), NUM_CHUNKS (column blocks per row: 1 = the
+whole row in registers) and NUM_STAGES (prefetch depth of the one-pass row loop, see heuristics.py). Host floats
 arrive as float64 bit words (``helpers.host_scalar``).
 
 Per row (DESIGN section 1):
@@ -24,6 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import heuristics
 from .helpers import (
     add_scaled,
     divide,
@@ -36,6 +38,7 @@ from .helpers import (
     row_rstd,
 )
 
+_PARAMS_PER_ROW_BLOCK_N: tl.constexpr = tl.constexpr(heuristics.FORWARD_PARAMS_PER_ROW_BLOCK_N)
 # Host floats are bit words: their values must not specialize (recompile) the kernels.
 HOST_WORDS = ["eps_hi", "eps_lo", "scale_hi", "scale_lo", "dropout_scale_hi", "dropout_scale_lo", "weight_offset_hi",
               "weight_offset_lo"]
@@ -73,8 +76,8 @@ def _forward_kernel(
     eps_hi, eps_lo, scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,  # host floats (host_scalar)
     weight_offset_hi, weight_offset_lo,
     keep_threshold,  # dropout: keep where (philox >> 8) >= keep_threshold
-    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_CHUNKS: tl.constexpr, IS_RMS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_H: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     row_start = tl.program_id(0) * rows_per_program
@@ -88,36 +91,55 @@ def _forward_kernel(
     else:
         seed = 0
     if NUM_CHUNKS == 1:
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        # Parameters are loaded once per program, not once per row.
-        s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=mask, other=0.0).to(COMPUTE) + weight_offset
-        if HAS_BIAS:
-            b = tl.load(B + cols, mask=mask, other=0.0).to(COMPUTE)
-        for row32 in range(row_start, row_end):
-            row = tl.cast(row32, tl.int64)  # 64-bit offsets: row * stride may exceed 2^31
-            h = _pre_norm_row(X, R, S, row, cols, mask, N, stride_x, stride_r, seed, keep_threshold, dropout_scale,
-                              s, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
+        cols = tl.arange(0, BLOCK_N)[None, :]
+        col_mask = cols < N
+        # Parameters are loaded once per program, not once per row -- except in blocks of
+        # PARAMS_PER_ROW_BLOCK_N columns (32 warps: at most 64 registers per thread, 16 columns each),
+        # where h and three held (N,) parameters would need 64 registers alone: there they are re-read
+        # per row where used (L1 hits; a store in the loop keeps the compiler from hoisting them).
+        PARAMS_PER_ROW: tl.constexpr = BLOCK_N >= _PARAMS_PER_ROW_BLOCK_N
+        s = scale
+        if not PARAMS_PER_ROW:
+            s = load_scale(S, cols, col_mask, scale, COMPUTE, SCALE_KIND)
+            if HAS_WEIGHT:
+                w = tl.load(W + cols, mask=col_mask, other=0.0).to(COMPUTE) + weight_offset
+            if HAS_BIAS:
+                b = tl.load(B + cols, mask=col_mask, other=0.0).to(COMPUTE)
+        # Tiles of ROWS rows; prefetch: with NUM_STAGES = 3 the next tiles' x and residual are copied to
+        # shared memory (cp.async) while this one is computed (heuristics.py).
+        for first_row in tl.range(row_start, row_end, ROWS, num_stages=NUM_STAGES):
+            # 64-bit offsets: row * stride may exceed 2^31.
+            rows = tl.cast(first_row, tl.int64) + tl.arange(0, ROWS)[:, None]
+            row_mask = rows < row_end
+            mask = row_mask & col_mask
+            s_row = s
+            if PARAMS_PER_ROW:
+                s_row = load_scale(S, cols, col_mask, scale, COMPUTE, SCALE_KIND)
+            h = _pre_norm_row(X, R, S, rows, cols, mask, N, stride_x, stride_r, seed, keep_threshold, dropout_scale,
+                              s_row, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
             if STORE_H:
-                h = _store_rounded_h(H, h, row, stride_h, cols, mask, COMPUTE)
+                h = _store_rounded_h(H, h, rows, stride_h, cols, mask, COMPUTE)
             if IS_RMS:
                 xhat = h  # times rstd below
-                var = divide(tl.sum(h * h, axis=0), N, COMPUTE)
+                var = divide(tl.sum(h * h, axis=1, keep_dims=True), N, COMPUTE)
             else:
-                mean = divide(tl.sum(h, axis=0), N, COMPUTE)
+                mean = divide(tl.sum(h, axis=1, keep_dims=True), N, COMPUTE)
                 xhat = tl.where(mask, h - mean, 0.0)
-                var = divide(tl.sum(xhat * xhat, axis=0), N, COMPUTE)
-                tl.store(MEAN + row, mean)
+                var = divide(tl.sum(xhat * xhat, axis=1, keep_dims=True), N, COMPUTE)
+                tl.store(MEAN + rows, mean, mask=row_mask)
             rstd = row_rstd(var, eps, COMPUTE)
-            tl.store(RSTD + row, rstd)
+            tl.store(RSTD + rows, rstd, mask=row_mask)
             y = xhat * rstd
+            if PARAMS_PER_ROW:
+                if HAS_WEIGHT:
+                    w = tl.load(W + cols, mask=col_mask, other=0.0).to(COMPUTE) + weight_offset
+                if HAS_BIAS:
+                    b = tl.load(B + cols, mask=col_mask, other=0.0).to(COMPUTE)
             if HAS_WEIGHT:
                 y = y * w
             if HAS_BIAS:
                 y = y + b
-            tl.store(Y + row * stride_y + cols, rounded_to(y, Y), mask=mask)
+            tl.store(Y + rows * stride_y + cols, rounded_to(y, Y), mask=mask)
     else:
         for row32 in range(row_start, row_end):
             row = tl.cast(row32, tl.int64)  # 64-bit offsets: row * stride may exceed 2^31
