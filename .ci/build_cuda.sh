@@ -5,6 +5,11 @@
 #   .ci/build_cuda.sh                 # CI: sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), editable install
 #   .ci/build_cuda.sh --report DIR    # also write DIR/ptxas_cuda_sm80.txt and DIR/ptxas_cuda_sm90.txt
 #                                     # (builds for "8.0;9.0"; used for benchmarks/results/)
+#   .ci/build_cuda.sh --inplace       # build fusednorm/_C*.so in this checkout (setup.py build_ext
+#                                     # --inplace) instead of an editable install: leaves the
+#                                     # environment's installed packages alone
+# Every build ends with the SASS report (benchmarks/cuda_sass_report.py): global load/store widths per
+# kernel, written to benchmarks/results/cuda_sass.{md,json}.
 #
 # Environment: CUDA_HOME (found below when unset: the real toolkit root, never the directory of an
 # nvcc wrapper script), TORCH_CUDA_ARCH_LIST (default 9.0 here; setup.py's own default is 8.0;9.0),
@@ -13,9 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 report_dir=""
-if [[ "${1:-}" == "--report" ]]; then
-  report_dir="${2:?--report needs a directory}"
-fi
+inplace=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --report) report_dir="${2:?--report needs a directory}"; shift 2 ;;
+    --inplace) inplace=1; shift ;;
+    *) echo "build_cuda.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
 
 # The toolkit root has bin/nvcc as a real binary next to include/cuda_runtime.h. The nvcc on PATH may
 # be a wrapper script (exec /usr/local/cuda-13.0/bin/nvcc "$@"), so its parent is not the root.
@@ -64,7 +74,12 @@ log="$(mktemp -t fusednorm_build.XXXXXX.log)"
 rm -rf build/temp.* fusednorm/_C*.so
 start=$(date +%s)
 # --no-build-isolation: setup.py imports the installed (CUDA) torch. -v: show the compiler output.
-python -m pip install --no-build-isolation --no-deps -v -e . >"$log" 2>&1 || {
+if [[ "$inplace" == 1 ]]; then
+  build=(python setup.py build_ext --inplace)
+else
+  build=(python -m pip install --no-build-isolation --no-deps -v -e .)
+fi
+"${build[@]}" >"$log" 2>&1 || {
   tail -n 60 "$log"
   echo "build_cuda.sh: build failed (full log: $log)" >&2
   exit 1
@@ -127,3 +142,6 @@ for arch in "${arches[@]}"; do
   fi
 done
 python -c "import fusednorm._C, torch; print('fusednorm._C loads; ops:', [n for n in ('cuda_fwd', 'cuda_bwd', 'cuda_launch_config', 'cuda_philox_r0') if hasattr(torch.ops.fusednorm, n)])"
+
+# SASS: global load/store widths per kernel (128-bit vectors for 16-bit outputs), regenerated every build.
+python benchmarks/cuda_sass_report.py --out benchmarks/results/cuda_sass

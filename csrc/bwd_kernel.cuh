@@ -270,14 +270,11 @@ cudaError_t run_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
     const bool learned = p.scale_kind == kScaleScalar || p.scale_kind == kScaleVector;
     const int slots = int(p.has_weight) + int(p.has_bias) + int(p.has_residual && learned);
     LaunchConfig cfg = choose_block(p.cols, sizeof(typename V::T), /*backward=*/true, slots);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(cfg.smem_bytes));
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(cfg.smem_bytes));
     if (err != cudaSuccess) return err;
-    int blocks_per_sm = 1;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, cfg.threads_per_row * cfg.rows_per_block,
-                                                        static_cast<size_t>(cfg.smem_bytes));
-    if (err != cudaSuccess) return err;
-    cfg.grid = choose_grid(p.rows, cfg.rows_per_block, p.num_sms, blocks_per_sm, /*backward=*/true);
+    // The partition of the rows (and so the gradients' bits) must not depend on this device.
+    cfg.grid = backward_grid(p.rows, cfg);
     p.launch = cfg;
     return cudaSuccess;
   }
