@@ -31,7 +31,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import heuristics
 from .forward import HOST_WORDS
 from .helpers import (
     add_scaled,
@@ -44,8 +43,6 @@ from .helpers import (
     rounded_to,
     row_sums,
 )
-
-_PARAMS_PER_ROW_BLOCK_N: tl.constexpr = tl.constexpr(heuristics.PARAMS_PER_ROW_BLOCK_N)
 
 
 @triton.jit
@@ -142,7 +139,7 @@ def _backward_kernel(
     scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, weight_offset_hi, weight_offset_lo,  # host_scalar
     keep_threshold,
     COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BAND_CHUNKS: tl.constexpr,
-    MULTI_BAND: tl.constexpr, NUM_STAGES: tl.constexpr, IS_RMS: tl.constexpr,
+    MULTI_BAND: tl.constexpr, NUM_STAGES: tl.constexpr, PARAMS_PER_ROW: tl.constexpr, IS_RMS: tl.constexpr,
     STORE_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DH_IN: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
@@ -158,9 +155,6 @@ def _backward_kernel(
     # With a stored h the residual is read only for dscale (Pre-LN with a learned scale, DESIGN
     # section 5): after the row sums, so that it is not live in registers across them.
     LATE_R: tl.constexpr = LEARNED_SCALE and STORE_H
-    # One-pass rows of PARAMS_PER_ROW_BLOCK_N columns or more with a learned scale: weight and scale
-    # are re-read per row where used instead of holding registers across the row loop (heuristics.py).
-    PARAMS_PER_ROW: tl.constexpr = BAND_CHUNKS == 1 and LEARNED_SCALE and BLOCK_N >= _PARAMS_PER_ROW_BLOCK_N
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
@@ -214,7 +208,7 @@ def _backward_kernel(
             tl.store(DS_PARTIAL + pid, tl.sum(dscale, axis=0))
     else:
         band_chunk = tl.arange(0, BAND_CHUNKS)[:, None]  # (BAND_CHUNKS, 1): a chunk of the band
-        dscale_total = tl.zeros((), COMPUTE)  # 0-d scale: the sum over the bands' columns
+        dscale_total = tl.zeros((), COMPUTE)  # 0-d scale: the program's sum, chunk by chunk
         for band in range(0, num_bands):
             dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
             dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
@@ -263,8 +257,10 @@ def _backward_kernel(
                         dbias = tl.where(here, dbias + dy, dbias)
                     if LATE_R:
                         r = tl.load(R + rows * stride_r + chunk_cols, mask=mask, other=0.0)
-                    if LEARNED_SCALE:
+                    if SCALE_KIND == 3:
                         dscale = tl.where(here, dscale + dh * late_upcast(r, COMPUTE), dscale)
+                    elif SCALE_KIND == 2:  # a 0-d scale needs no column accumulator: one value, in order
+                        dscale_total += tl.sum(tl.sum(dh * late_upcast(r, COMPUTE), axis=1), axis=0)
             band_cols = (band * BAND_CHUNKS + band_chunk) * BLOCK_N + cols
             if HAS_WEIGHT:
                 tl.store(DW_PARTIAL + partial_row + band_cols, dweight, mask=band_cols < N)
@@ -272,8 +268,6 @@ def _backward_kernel(
                 tl.store(DB_PARTIAL + partial_row + band_cols, dbias, mask=band_cols < N)
             if SCALE_KIND == 3:
                 tl.store(DS_PARTIAL + partial_row + band_cols, dscale, mask=band_cols < N)
-            elif SCALE_KIND == 2:
-                dscale_total += tl.sum(tl.sum(dscale, axis=1), axis=0)
             if MULTI_BAND:
                 tl.debug_barrier()  # the next band reads the row coefficients other threads wrote
         if SCALE_KIND == 2:

@@ -4,7 +4,8 @@ Flags: those of ``fusednorm.variant.Variant.triton_forward_flags`` (IS_RMS, HAS_
 (0: none, 1: host constant, 2: 0-d tensor, 3: (N,) tensor), HAS_DROPOUT, STORE_H, HAS_WEIGHT,
 HAS_BIAS), plus the launch's COMPUTE (tl.float32, or tl.float64 for float64 inputs), BLOCK_N (columns
 per block), ROWS (rows per tile: several for short rows), NUM_CHUNKS (column blocks per row: 1 = the
-whole row in registers) and NUM_STAGES (prefetch depth of the one-pass row loop, see heuristics.py). Host floats
+whole row in registers), NUM_STAGES (prefetch depth of the one-pass row loop) and PARAMS_PER_ROW (the
+(N,) parameters re-read per row rather than held); see heuristics.py. Host floats
 arrive as float64 bit words (``helpers.host_scalar``).
 
 Per row (DESIGN section 1):
@@ -25,7 +26,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import heuristics
 from .helpers import (
     add_scaled,
     divide,
@@ -38,7 +38,6 @@ from .helpers import (
     row_rstd,
 )
 
-_PARAMS_PER_ROW_BLOCK_N: tl.constexpr = tl.constexpr(heuristics.FORWARD_PARAMS_PER_ROW_BLOCK_N)
 # Host floats are bit words: their values must not specialize (recompile) the kernels.
 HOST_WORDS = ["eps_hi", "eps_lo", "scale_hi", "scale_lo", "dropout_scale_hi", "dropout_scale_lo", "weight_offset_hi",
               "weight_offset_lo"]
@@ -77,8 +76,9 @@ def _forward_kernel(
     weight_offset_hi, weight_offset_lo,
     keep_threshold,  # dropout: keep where (philox >> 8) >= keep_threshold
     COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-    NUM_STAGES: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    STORE_H: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PARAMS_PER_ROW: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     row_start = tl.program_id(0) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -93,11 +93,10 @@ def _forward_kernel(
     if NUM_CHUNKS == 1:
         cols = tl.arange(0, BLOCK_N)[None, :]
         col_mask = cols < N
-        # Parameters are loaded once per program, not once per row -- except in blocks of
-        # PARAMS_PER_ROW_BLOCK_N columns (32 warps: at most 64 registers per thread, 16 columns each),
-        # where h and three held (N,) parameters would need 64 registers alone: there they are re-read
-        # per row where used (L1 hits; a store in the loop keeps the compiler from hoisting them).
-        PARAMS_PER_ROW: tl.constexpr = BLOCK_N >= _PARAMS_PER_ROW_BLOCK_N
+        # Parameters are loaded once per program, not once per row -- except with PARAMS_PER_ROW (16384
+        # columns, 32 warps: at most 64 registers per thread, 16 columns each, where h and three held (N,)
+        # parameters, or a Philox stream, leave too few): there they are re-read per row where used (L1
+        # hits; a store in the loop keeps the compiler from hoisting them). See heuristics.py.
         s = scale
         if not PARAMS_PER_ROW:
             s = load_scale(S, cols, col_mask, scale, COMPUTE, SCALE_KIND)

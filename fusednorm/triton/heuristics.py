@@ -12,29 +12,37 @@ interpreter. The partition is sized for a reference chip of ``REFERENCE_SMS`` = 
 running ``BACKWARD_WAVES`` = 2 waves; a chip with other SM counts runs the same programs in its own
 waves (108 SMs: 2.44 waves of work in 3; a 16-SM MIG slice: 16.5 in 17).
 
-**Forward** (rows of up to ``MAX_BLOCK_N`` = 16384 columns in registers, one row per tile):
-``BLOCK_N = next_power_of_2(N)``, ``num_warps = BLOCK_N / 512`` (16 elements per thread: two 128-bit
-accesses per 16-bit tensor), 1 to 32. Wider rows take column chunks of 16384 (read twice, the second
-time right after the first, from L2). Programs: ``FORWARD_OVERSUBSCRIPTION`` x the reference chip's
-warp slots (the forward has no partials: more, smaller programs even out the waves on any chip).
+**Forward** (rows of up to ``MAX_BLOCK_N`` = 16384 columns in registers): ``BLOCK_N =
+next_power_of_2(N)``, 16 elements per thread (two 128-bit accesses per 16-bit tensor): ``num_warps =
+elements / 512``, 1 to 32; rows of up to 1024 columns go ``TILE_ELEMENTS // BLOCK_N`` to a tile (e.g.
+[4, 1024], 8 warps), wider ones one per tile. Wider rows than 16384 take column chunks of 16384 (read
+twice, the second time right after the first, from L2). At 16384 columns (32 warps: at most 64
+registers per thread) a heavy variant or one with two or more (N,) parameters re-reads the parameters per
+row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread); 32-bit x with
+dropout takes chunks of 8192 from 16384 columns on. Programs:
+``FORWARD_OVERSUBSCRIPTION`` x the reference chip's warp slots (the forward has no partials: more,
+smaller programs even out the waves on any chip).
 
-**Backward**, three shapes of work, each a constexpr of the one kernel (backward.py):
+**Backward**, three shapes of work of the one kernel (backward.py):
 
-- N <= 1024: 2-D tiles of ``TILE_ELEMENTS // BLOCK_N`` rows (e.g. [4, 1024]) with 4 warps, so that a
-  program keeps 16 KB or more of loads in flight (one 1024-wide row of 1-2 warps had 4-8 KB).
-- N <= ``MAX_BLOCK_N_BACKWARD`` = 8192: one row per tile, the whole row in registers (16 elements per
-  thread, 2-16 warps). The backward keeps ~10 float32 values per column live (dy, xhat, g, the residual,
-  the parameters and the three column accumulators), so 16384 columns in one tile would spill; and
-  from ``PARAMS_PER_ROW_BLOCK_N`` = 8192 columns, with a learned scale, weight and scale are re-read per
-  row (L1/L2 hits) instead of holding 32 registers across the row loop (16 warps: 128 registers).
-- Wider rows: column chunks of ``CHUNK_N_BACKWARD`` = 4096 (16 warps, 8 elements per thread), one
-  row at a time: sweep A reads the row (last chunk first) for its two row sums, sweep B reads it again
+- N <= 1024: tiles of ``TILE_ELEMENTS // BLOCK_N`` rows (e.g. [4, 1024]) with 8 warps, so that a
+  program keeps 16-24 KB of loads per tile in flight (one 1024-wide row of 1-2 warps had 4-8 KB).
+- N <= ``MAX_BLOCK_N_BACKWARD`` = 8192 (4096 for ``heavy`` variants or three column sums): one row per
+  tile, the whole row in registers (16 elements per thread, 2-16 warps). The backward keeps ~10 float32
+  values per column live (dy, xhat, g, the residual, the parameters, the column accumulators): at 8192
+  columns (16 warps, 128 registers per thread) that fits only the lighter variants, and 16384 columns
+  in one tile spill for all. With a learned scale, 8192-wide rows re-read weight and scale per row.
+- Wider rows: column chunks (``CHUNKED_BACKWARD``: 1024-4096 columns, 16 warps), one row at a time:
+  sweep A reads the row (last chunk first, prefetched) for its two row sums, sweep B reads it again
   (first chunk first, so the most recently read chunk comes first) while it is still in L2 -- a row of
   16384 16-bit columns is 32 KB per tensor, 132 programs keep ~13 MB of L2 busy -- and writes dx. The
-  column accumulators of ``BAND_CHUNKS`` = 4 chunks (a band of 16384 columns: 8 registers per thread
-  and accumulator per chunk) stay in registers across the program's rows. Rows wider than one band
-  loop over bands: the row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's
-  columns are read again after the program's other rows (from DRAM: 1 + (N - 16384) / N reads).
+  column accumulators of a band of chunks (8192-16384 columns: band * column sums / 512 registers per
+  thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
+  row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
+  after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
+  The band is 16384 columns for the light variants with one (N,) column sum (rms_norm, add_rms_norm in
+  either layout), 8192 with two (layer_norm) or for heavy variants, 4096 with three (a learned (N,) scale
+  with weight and bias).
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
 one float32 partial row per column sum; one fixed-order reduction kernel then sums the partials. The
@@ -42,10 +50,11 @@ number of programs is ``BACKWARD_WAVES * REFERENCE_SMS * resident CTAs per SM`` 
 compile report: ``BACKWARD_RESIDENT_WARPS`` / num_warps, a lower bound over the variants), or fewer
 when M is small: the partials are then ~1-4% of the bytes at M * N = 2^27 (benchmarks/README.md).
 
-**Prefetch.** One-pass row loops are ``tl.range(..., num_stages=3)``: Triton 3.8 then copies the next
-rows' tiles to shared memory with 16-byte cp.async while the current one is computed (num_stages=2
-does not: its refill comes at the end of the loop body). 3 stages of the tile's inputs must fit
-``PREFETCH_SMEM_BYTES``; else no prefetch (num_stages=1).
+**Prefetch.** One-pass row loops and the chunked backward's sweep A are ``tl.range(..., num_stages=3)``:
+Triton then copies the next two tiles (chunks) to shared memory with 16-byte cp.async while the
+current one is computed (num_stages=2 does not: its refill comes at the end of the loop body). Three
+tiles of the (M, N) inputs must fit ``PREFETCH_SMEM_BYTES``; with per-row parameters (which would be
+buffered too, in their own dtype, maybe float32) there is no prefetch.
 """
 
 from __future__ import annotations
@@ -55,18 +64,19 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..variant import Variant
+from ..variant import ScaleKind, Variant
 
 # The widest rows kept entirely in registers. Tests lower MAX_BLOCK_N (monkeypatch), which caps
 # both kernels and the backward's chunk, to exercise the chunked paths at small N in the interpreter.
 MAX_BLOCK_N = 16384
 MAX_BLOCK_N_BACKWARD = 8192
 # Chunked backward rows, 16 warps (column accumulators in registers: see the module docstring): (chunk
-# columns, chunks per band) by the number of (N,) column sums the variant keeps (dweight, dbias, dscale)
-# and whether it is heavy (``heavy``). Sized by the sm_90 compile reports: the accumulators take
-# band * sums / 512 registers per thread, the rest of the row's work 50-100 of the 128.
-CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (2048, 8), (3, False): (2048, 4),
-                    (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 8), (3, True): (1024, 8)}
+# columns, chunks per band) by the number of (N,) column accumulators (dweight, dbias, an (N,) dscale: a
+# 0-d scale's sum is taken chunk by chunk into one value) and whether the variant is heavy (``heavy``). Sized
+# by the sm_90 compile reports: the accumulators take band * sums / 512 registers per thread, the rest of the
+# row's work 50-100 of the 128.
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (2048, 4), (3, False): (1024, 4),
+                    (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 8), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
 # three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
 # (whose band then still covers the row: one pass over DRAM).
@@ -76,6 +86,8 @@ CHUNKED_BACKWARD_WARPS = 16
 # learned (read by backward.py at import: a constexpr).
 PARAMS_PER_ROW_BLOCK_N = 8192
 FORWARD_PARAMS_PER_ROW_BLOCK_N = 16384
+# The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6): chunks of 8192.
+FORWARD_MAX_BLOCK_N_WIDE_DROPOUT = 8192
 TILE_ELEMENTS = 4096
 MAX_TILE_ROWS = 16
 
@@ -93,7 +105,8 @@ PREFETCH_SMEM_BYTES = 160 * 1024
 class LaunchConfig:
     """One kernel call: ``num_programs`` programs of ``rows_per_program`` rows (a multiple of
     ``tile_rows``), tiles of ``tile_rows`` x ``block_n``; a row is ``num_chunks`` column blocks, taken
-    ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch."""
+    ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch;
+    ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers."""
 
     block_n: int
     num_chunks: int
@@ -103,6 +116,7 @@ class LaunchConfig:
     num_programs: int
     num_stages: int = 1
     band_chunks: int = 1
+    params_per_row: bool = False
 
     @property
     def num_bands(self) -> int:
@@ -116,6 +130,10 @@ def _warps(elements: int) -> int:
 def column_sums(variant: Variant) -> int:
     """How many (N,) float32 column accumulators the backward keeps: dweight, dbias, dscale."""
     return int(variant.has_weight) + int(variant.has_bias) + int(variant.learned_scale)
+
+
+def _vector_params(variant: Variant) -> int:
+    return int(variant.has_weight) + int(variant.has_bias) + int(variant.scale_kind == ScaleKind.VECTOR)
 
 
 def heavy(variant: Variant, dtype: torch.dtype) -> bool:
@@ -133,13 +151,18 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
     block_n = triton.next_power_of_2(cols)
     variant = variant or Variant()
     cap = MAX_BLOCK_N
+    if not backward and dtype.itemsize > 2 and variant.has_dropout:
+        cap = min(MAX_BLOCK_N, FORWARD_MAX_BLOCK_N_WIDE_DROPOUT)  # 16 float32 values and Philox per thread
     if backward:
         light = column_sums(variant) < 3 and not heavy(variant, dtype)
         cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD if light else MAX_BLOCK_N_BACKWARD_HEAVY)
     if block_n > cap and not backward:
-        return MAX_BLOCK_N, triton.cdiv(cols, MAX_BLOCK_N), _warps(MAX_BLOCK_N), 1, 1
+        return cap, triton.cdiv(cols, cap), _warps(cap), 1, 1
     if block_n > cap:
-        chunk, band_chunks = CHUNKED_BACKWARD[column_sums(variant), heavy(variant, dtype)]
+        vector_sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)
+        chunk, band_chunks = CHUNKED_BACKWARD[vector_sums, heavy(variant, dtype)]
+        if dtype.itemsize > 2 and variant.has_dropout:
+            band_chunks = max(2, band_chunks // 2)  # 32-bit values and a Philox stream: half the band
         block_n = min(MAX_BLOCK_N, chunk)
         return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
     rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n)) if block_n <= 1024 else 1
@@ -169,9 +192,14 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
     tiles = triton.cdiv(rows, tile_rows)
     tiles_per_program = triton.cdiv(tiles, min(tiles, target))
     rows_per_program = tiles_per_program * tile_rows
+    params_per_row = num_chunks == 1 and (
+        block_n >= PARAMS_PER_ROW_BLOCK_N and variant.learned_scale if backward
+        else block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N and (heavy(variant, dtype) or _vector_params(variant) >= 2))
     stages = PREFETCH_STAGES if backward else 1  # the chunked backward's sweep A prefetches its chunks
     if num_chunks == 1:
+        # Per-row parameter loads would be prefetched too (in their own dtype, maybe float32): none then.
         stage_bytes = tile_rows * block_n * _tile_input_bytes(variant, dtype, backward)
-        stages = PREFETCH_STAGES if PREFETCH_STAGES * stage_bytes <= PREFETCH_SMEM_BYTES else 1
+        fits = PREFETCH_STAGES * stage_bytes <= PREFETCH_SMEM_BYTES
+        stages = PREFETCH_STAGES if fits and not params_per_row else 1
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
-                        triton.cdiv(rows, rows_per_program), stages, band_chunks)
+                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row)
