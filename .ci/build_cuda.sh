@@ -5,9 +5,8 @@
 #   .ci/build_cuda.sh                 # CI: sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), editable install
 #   .ci/build_cuda.sh --report DIR    # also write DIR/ptxas_cuda_sm80.txt and DIR/ptxas_cuda_sm90.txt
 #                                     # (builds for "8.0;9.0"; used for benchmarks/results/)
-#   .ci/build_cuda.sh --inplace       # build fusednorm/_C*.so in this checkout (setup.py build_ext
-#                                     # --inplace) instead of an editable install: leaves the
-#                                     # environment's installed packages alone
+#   .ci/build_cuda.sh --inplace ...   # build with `setup.py build_ext --inplace` instead of pip: the .so
+#                                     # lands in fusednorm/ and the Python environment is left as it is
 # Every build ends with the SASS report (benchmarks/cuda_sass_report.py): global load/store widths per
 # kernel, written to benchmarks/results/cuda_sass.{md,json}.
 #
@@ -73,10 +72,10 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 log="$(mktemp -t fusednorm_build.XXXXXX.log)"
 rm -rf build/temp.* fusednorm/_C*.so
 start=$(date +%s)
-# --no-build-isolation: setup.py imports the installed (CUDA) torch. -v: show the compiler output.
 if [[ "$inplace" == 1 ]]; then
   build=(python setup.py build_ext --inplace)
 else
+  # --no-build-isolation: setup.py imports the installed (CUDA) torch. -v: show the compiler output.
   build=(python -m pip install --no-build-isolation --no-deps -v -e .)
 fi
 "${build[@]}" >"$log" 2>&1 || {
@@ -115,8 +114,8 @@ for line in open(log, errors="replace"):
 demangled = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
                            text=True).stdout.splitlines() if rows else []
 print(f"# ptxas -v, {arch}: registers / spill stores / spill loads / static smem per kernel")
-print(f"# Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, READ_H, SCALE_KIND, STORE_H, HAS_WEIGHT, HAS_BIAS,")
-print(f"#         RESIDUAL_F32, H_F32, PARAMS_F32>: 0 off, 1 on, 2 (-1 for SCALE_KIND) decided at run time")
+print("# Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, STORE_H>: 0 off, 1 on, 2 read at run time (the")
+print("# forward's STORE_H); every other flag is read from the params (csrc/README.md)")
 worst = 0
 for (_, regs, (st, ld), smem), pretty in sorted(zip(rows, demangled), key=lambda r: r[1]):
     pretty = pretty.replace("fusednorm::", "")
@@ -141,7 +140,7 @@ for arch in "${arches[@]}"; do
     summarize "$sm"
   fi
 done
-python -c "import fusednorm._C, torch; print('fusednorm._C loads; ops:', [n for n in ('cuda_fwd', 'cuda_bwd', 'cuda_launch_config', 'cuda_philox_r0') if hasattr(torch.ops.fusednorm, n)])"
+python -c "import fusednorm._C, torch; print('fusednorm._C loads:', fusednorm._C.__file__, [n for n in ('cuda_fwd', 'cuda_bwd', 'cuda_launch_config', 'cuda_variant_facts', 'cuda_keep_threshold', 'cuda_philox_r0') if hasattr(torch.ops.fusednorm, n)])"
 
 # SASS: global load/store widths per kernel (128-bit vectors for 16-bit outputs), regenerated every build.
 python benchmarks/cuda_sass_report.py --out benchmarks/results/cuda_sass

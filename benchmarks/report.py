@@ -9,6 +9,8 @@ import math
 import os
 from collections import defaultdict
 
+import torch
+
 from . import floor
 
 SMOKE_BANNER = "smoke: CPU, not a performance figure"
@@ -20,14 +22,18 @@ CSV_COLUMNS = ("device", "op", "case", "dtype", "N", "M", "impl", "direction", "
                "input_sets")
 
 
-def bytes_table() -> list[dict]:
-    """floor.BYTES_16BIT as records, for the JSON."""
-    return [{"case": case, "direction": direction, "bytes_per_element_16bit": b, "what": what}
-            for (case, direction), (b, what) in floor.BYTES_16BIT.items()]
+def bytes_table(cases) -> list[dict]:
+    """The floor of each benchmarked case (a floor.Case) and direction, for the JSON: 16-bit and float32
+    bytes per element, what is read and written, and the variant's name and flag word."""
+    return [{"op": case.label, "variant": case.variant.name, "variant_flags": case.variant.flags,
+             "direction": direction, "bytes_per_element_16bit": case.bytes_per_element(direction, torch.bfloat16),
+             "bytes_per_element_fp32": case.bytes_per_element(direction, torch.float32),
+             "what": case.describe(direction)}
+            for case in cases for direction in ("fwd", "bwd")]
 
 
 def _op_name(row: dict) -> str:
-    return row["op"] if row["case"] == "plain" else f"{row['op']}/{row['case']}"
+    return floor.label(row["op"], row["case"])
 
 
 def progress_line(rows, seconds: float) -> str:
@@ -98,9 +104,8 @@ def full_table(rep: dict) -> str:
     out = ["# fusednorm benchmark: GB/s by the floor bytes of DESIGN section 5 (fraction of copy bandwidth)", ""]
     out += [line + "  " for line in _header(rep)] + [""]
     for (op, dtype, direction), cells in by_key.items():
-        case = op.split("/")[1] if "/" in op else "plain"
         out.append(f"## {op} {dtype} {DIRECTION_NAMES[direction]} "
-                   f"(floor: {floor.describe(case, direction)})")
+                   f"(floor: {floor.case_by_label(op).describe(direction)})")
         out.append("")
         out.append("| N | M | " + " | ".join(impls) + " |")
         out.append("|---" * (len(impls) + 2) + "|")

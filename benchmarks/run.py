@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-SMOKE_BANNER = "smoke: CPU, not a performance figure"
 DEFAULT_NS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SMOKE_NS = (64, 256)
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
@@ -33,12 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU end-to-end check: tiny sizes, torch backend + triton interpreter, no figures")
     parser.add_argument("--out", default=None, help="output folder (default: out/bench, or out/bench-smoke)")
     parser.add_argument("--dtypes", type=_csv_list, default=None,
-                        help="comma list of bf16,fp16,fp32 (fp32 runs the plain norms only)")
+                        help="comma list of bf16,fp16,fp32 (fp32 runs layer_norm and rms_norm only)")
     parser.add_argument("--ns", type=lambda s: [int(v) for v in _csv_list(s)], default=None,
                         help=f"row widths N (default {','.join(map(str, DEFAULT_NS))})")
     parser.add_argument("--elements", type=int, default=None,
                         help="M*N per problem (default 2^26; M = elements // N, at least 1 row)")
-    parser.add_argument("--ops", type=_csv_list, default=None, help="op names, e.g. layer_norm,add_rms_norm/preln")
+    parser.add_argument("--ops", type=_csv_list, default=None,
+                        help="cases (benchmarks/floor.py), e.g. layer_norm,add_rms_norm/preln (default: all)")
     parser.add_argument("--impls", type=_csv_list, default=None,
                         help="implementations, e.g. torch,torch.compile,fusednorm-triton,liger (default: all; "
                              "on GPU all but fusednorm-torch, the reference path, to save device time)")

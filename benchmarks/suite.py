@@ -1,5 +1,6 @@
 """The benchmark loop: for each dtype, op, N and implementation, time forward, backward and
-forward+backward, count the floor bytes (floor.py), and measure peak memory of forward+backward.
+forward+backward, count the floor bytes (each case's Variant, floor.py), and measure peak memory of
+forward+backward.
 
 What is timed (one call each):
     fwd    : the forward with grad enabled (it saves what the backward needs, as in training)
@@ -15,23 +16,23 @@ import dataclasses
 import itertools
 import math
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Sequence
 
 import torch
 
-from . import floor, report
-from .impls import SPECS, Built, Impl, Spec, TorchEager, all_impls, select, spec_by_name
+from . import environment, floor, report
+from .floor import Case
+from .impls import Built, Impl, TorchEager, all_impls, select
 from .timing import Timer, copy_bandwidth, l2_cache_bytes, peak_memory_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SKIPPED = "skipped: time budget exhausted"
 
 
 @dataclasses.dataclass
 class Row:
-    """One figure: one implementation, op, dtype, N and direction."""
+    """One figure: one implementation, case (op and case name, see floor.Case), dtype, N and direction."""
 
     op: str
     case: str
@@ -61,7 +62,7 @@ class InputSet:
     dh: torch.Tensor | None
 
 
-def make_inputs(spec: Spec, rows: int, cols: int, dtype: torch.dtype, device, seed: int) -> InputSet:
+def make_inputs(case: Case, rows: int, cols: int, dtype: torch.dtype, device, seed: int) -> InputSet:
     """Random inputs (normal plus a per-row offset, never zeros) that require grad, and output grads."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -71,8 +72,8 @@ def make_inputs(spec: Spec, rows: int, cols: int, dtype: torch.dtype, device, se
         return t.to(dtype)
 
     x = rand().requires_grad_(True)
-    residual = rand().requires_grad_(True) if spec.has_residual else None
-    dh = rand() if spec.prenorm else None
+    residual = rand().requires_grad_(True) if case.variant.has_residual else None
+    dh = rand() if case.variant.prenorm else None
     return InputSet(x, residual, rand(), dh)
 
 
@@ -110,27 +111,27 @@ class Budget:
         return self.seconds is not None and time.monotonic() - self.start > self.seconds
 
 
-def _rotation_sets(spec: Spec, rows: int, cols: int, itemsize: int, l2: int | None) -> int:
+def _rotation_sets(case: Case, rows: int, cols: int, dtype: torch.dtype, l2: int | None) -> int:
     """How many input sets to rotate: enough that one call's fwd+bwd inputs span twice the L2."""
     if l2 is None:
         return 1
-    per_set = floor.floor_bytes(spec.case, "fwdbwd", rows, cols, itemsize)
+    per_set = case.floor_bytes("fwdbwd", rows, cols, dtype)
     return 1 if per_set >= 2 * l2 else min(64, math.ceil(2 * l2 / max(per_set, 1)))
 
 
-def bench_config(impl: Impl, spec: Spec, dtype_name: str, cols: int, rows: int, sets: Sequence[InputSet],
+def bench_config(impl: Impl, case: Case, dtype_name: str, cols: int, rows: int, sets: Sequence[InputSet],
                  scale: torch.Tensor | None, timer: Timer, directions: Sequence[str], copy_gbps: float,
                  ref_out, torch_peak: int | None) -> list[Row]:
-    """All the rows of one implementation on one (op, dtype, N)."""
+    """All the rows of one implementation on one (case, dtype, N)."""
     dtype = DTYPES[dtype_name]
     device = sets[0].x.device
-    base = dict(op=spec.op, case=spec.case, dtype=dtype_name, N=cols, M=rows, impl=impl.name, input_sets=len(sets))
+    base = dict(op=case.op, case=case.name, dtype=dtype_name, N=cols, M=rows, impl=impl.name, input_sets=len(sets))
 
     def row(direction: str, **kw) -> Row:
         return Row(direction=direction, **{**base, **kw})
 
     try:
-        built: Built = impl.build(spec, cols, dtype, device)
+        built: Built = impl.build(case, cols, dtype, device)
         check = _check(built.fn(sets[0].x, sets[0].residual, scale), ref_out, dtype)  # also the first warm-up
     except Exception as exc:  # noqa: BLE001  (one failing implementation must not stop the run)
         return [row(d, status=f"error: {type(exc).__name__}: {str(exc)[:300]}") for d in directions]
@@ -139,7 +140,7 @@ def bench_config(impl: Impl, spec: Spec, dtype_name: str, cols: int, rows: int, 
         return [t for t in (s.x, s.residual, scale) if t is not None] + built.params
 
     def grad_outputs(s: InputSet) -> tuple:
-        return (s.dy, s.dh) if spec.prenorm else (s.dy,)
+        return (s.dy, s.dh) if case.variant.prenorm else (s.dy,)
 
     def call(s: InputSet):
         return built.fn(s.x, s.residual, scale)
@@ -183,7 +184,6 @@ def bench_config(impl: Impl, spec: Spec, dtype_name: str, cols: int, rows: int, 
         except Exception as exc:  # noqa: BLE001
             notes["fwdbwd"] = f"peak memory failed: {type(exc).__name__}"
 
-    itemsize = torch.tensor([], dtype=dtype).element_size()
     rows_out = []
     for direction in directions:
         if direction in errors:
@@ -194,7 +194,7 @@ def bench_config(impl: Impl, spec: Spec, dtype_name: str, cols: int, rows: int, 
             rows_out.append(row(direction, status=f"error: non-positive time {ms:.4g} ms", check=check,
                                 note="; ".join(n for n in (built.note, notes.get(direction, "")) if n)))
             continue
-        nbytes = floor.floor_bytes(spec.case, direction, rows, cols, itemsize)
+        nbytes = case.floor_bytes(direction, rows, cols, dtype)
         gbps = nbytes / (ms * 1e-3) / 1e9
         note = "; ".join(n for n in (built.note, notes.get(direction, "")) if n)
         extra = {}
@@ -218,46 +218,6 @@ def _time_backward(timer: Timer, graphs: list[tuple], inputs: list[list], grads:
     return timer.median_ms(bwd)
 
 
-def _git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha or "unknown") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for dist in ("triton", "liger-kernel", "flash-attn", "apex", "fusednorm"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def _device_meta(device: torch.device, smoke: bool) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        try:
-            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            driver = None
-        return {"device": torch.cuda.get_device_name(device), "driver": driver,
-                "sm_count": props.multi_processor_count,
-                "l2_bytes": getattr(props, "L2_cache_size", None), "memory_bytes": props.total_memory,
-                "capability": f"{props.major}.{props.minor}"}
-    return {"device": f"cpu ({platform.processor() or platform.machine()}; {os.cpu_count()} cores)"
-                      + (f" [{report.SMOKE_BANNER}]" if smoke else "")}
-
-
 def spread_order(values: Sequence[int]) -> list[int]:
     """``values`` in the order that covers their range soonest: the middle, the largest, the smallest,
     then the midpoints of the remaining gaps (e.g. 4096, 65536, 512, 1024, 16384, 2048, 8192, 32768)."""
@@ -277,18 +237,17 @@ def spread_order(values: Sequence[int]) -> list[int]:
     return order
 
 
-def _prepare(spec: Spec, n_rows: int, cols: int, dtype: torch.dtype, device, l2: int | None):
+def _prepare(case: Case, n_rows: int, cols: int, dtype: torch.dtype, device, l2: int | None):
     """Input sets (rotated when they would fit in L2), the learned scale (or None) and torch eager's
     forward outputs on the first set (the reference of the sanity check)."""
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    n_sets = _rotation_sets(spec, n_rows, cols, itemsize, l2)
-    sets = [make_inputs(spec, n_rows, cols, dtype, device, seed=1000 * i + cols) for i in range(n_sets)]
+    n_sets = _rotation_sets(case, n_rows, cols, dtype, l2)
+    sets = [make_inputs(case, n_rows, cols, dtype, device, seed=1000 * i + cols) for i in range(n_sets)]
     scale = None
-    if spec.learned_scale:
+    if case.variant.learned_scale:
         gen = torch.Generator(device="cpu").manual_seed(cols + 1)
         scale = (1.0 + 0.2 * torch.rand(cols, generator=gen)).to(device=device, dtype=dtype)
         scale.requires_grad_(True)
-    ref = TorchEager().build(spec, cols, dtype, device)
+    ref = TorchEager().build(case, cols, dtype, device)
     with torch.no_grad():
         ref_out = tuple(t.detach() for t in _tuple(ref.fn(sets[0].x, sets[0].residual, scale)))
     return sets, scale, ref_out
@@ -300,8 +259,14 @@ def _absent(reason: str) -> str:
     return reason if reason.startswith("missing") else f"unavailable: {reason}"
 
 
+def _rows_without_figure(impls: Sequence[Impl], directions: Sequence[str], status: str, **base) -> list[Row]:
+    """One row per implementation and direction that says why there is no figure."""
+    return [Row(impl=impl.name, direction=d, status=status, **base) for impl in impls for d in directions]
+
+
 def run(args, command: str) -> dict:
     """Run the whole matrix that ``args`` selects; returns the report (meta, copy, impls, rows)."""
+    cases = [floor.case_by_label(n) for n in args.ops] if args.ops else list(floor.CASES)  # before measuring
     if args.smoke:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
@@ -336,7 +301,6 @@ def run(args, command: str) -> dict:
     for impl in impls:
         reason = availability[impl.name]
         print(f"== {impl.name:18s} {'available' if reason is None else 'UNAVAILABLE: ' + reason}", flush=True)
-    specs = [spec_by_name(n) for n in args.ops] if args.ops else list(SPECS)
     l2 = l2_cache_bytes(device)
     budget = Budget(args.time_budget)
     rows: list[Row] = []
@@ -346,33 +310,28 @@ def run(args, command: str) -> dict:
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         for cols in spread_order(args.ns):
-            for spec in specs:
-                if dtype == torch.float32 and spec.has_residual:
-                    continue  # fp32 is benchmarked for the plain norms only (DESIGN section 5 counts 16-bit)
+            for case in cases:
+                if dtype == torch.float32 and case.variant.has_residual:
+                    continue  # fp32 is benchmarked for the norms without residual only (DESIGN section 5 counts 16-bit)
                 n_rows = max(1, args.elements // cols)
-                base = dict(op=spec.op, case=spec.case, dtype=dtype_name, N=cols, M=n_rows)
+                base = dict(op=case.op, case=case.name, dtype=dtype_name, N=cols, M=n_rows)
                 if budget.exhausted():
-                    rows += [Row(impl=impl.name, direction=d, status="skipped: time budget exhausted", **base)
-                             for impl in impls for d in args.directions]
+                    rows += _rows_without_figure(impls, args.directions, SKIPPED, **base)
                     continue
                 try:
-                    sets, scale, ref_out = _prepare(spec, n_rows, cols, dtype, device, l2)
+                    sets, scale, ref_out = _prepare(case, n_rows, cols, dtype, device, l2)
                 except Exception as exc:  # noqa: BLE001  (e.g. out of memory: report it, go on)
-                    rows += [Row(impl=impl.name, direction=d, status=f"error: inputs: {type(exc).__name__}: "
-                                 f"{str(exc)[:200]}", **base) for impl in impls for d in args.directions]
+                    rows += _rows_without_figure(impls, args.directions, f"error: inputs: {type(exc).__name__}: "
+                                                 f"{str(exc)[:200]}", **base)
                     continue
                 torch_peak = None
                 for impl in impls:
-                    if availability[impl.name] is not None:
-                        rows += [Row(impl=impl.name, direction=d, status=_absent(availability[impl.name]), **base)
-                                 for d in args.directions]
-                        continue
-                    if budget.exhausted():
-                        rows += [Row(impl=impl.name, direction=d, status="skipped: time budget exhausted", **base)
-                                 for d in args.directions]
+                    if availability[impl.name] is not None or budget.exhausted():
+                        status = SKIPPED if availability[impl.name] is None else _absent(availability[impl.name])
+                        rows += _rows_without_figure([impl], args.directions, status, **base)
                         continue
                     t0 = time.monotonic()
-                    got = bench_config(impl, spec, dtype_name, cols, n_rows, sets, scale, timer, args.directions,
+                    got = bench_config(impl, case, dtype_name, cols, n_rows, sets, scale, timer, args.directions,
                                        copy["gbps"], ref_out, torch_peak)
                     if impl.name == "torch":
                         torch_peak = next((r.peak_mem_bytes for r in got if r.direction == "fwdbwd"), None)
@@ -387,12 +346,12 @@ def run(args, command: str) -> dict:
 
     meta = {
         "command": command,
-        "commit": _git_commit(),
+        "commit": environment.git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "smoke": bool(args.smoke),
         "figures": report.SMOKE_BANNER if args.smoke else "GPU figures",
-        **_device_meta(device, args.smoke),
-        "versions": _versions(),
+        **environment.machine(device),
+        "versions": environment.versions(),
         "timing": timer.method,
         "elements_per_problem": args.elements,
         "compile_backend": args.compile_backend,
@@ -402,7 +361,9 @@ def run(args, command: str) -> dict:
         "time_budget_s": args.time_budget,
         "wall_s": round(time.monotonic() - budget.start, 1),
     }
-    return {"meta": meta, "copy": copy, "bytes_table": report.bytes_table(),
+    if args.smoke:
+        meta["device"] += f" [{report.SMOKE_BANNER}]"
+    return {"meta": meta, "copy": copy, "bytes_table": report.bytes_table(cases),
             "implementations": {impl.name: {"kind": impl.kind, "available": availability[impl.name] is None,
                                             "reason": availability[impl.name]} for impl in impls},
             "rows": [dataclasses.asdict(r) for r in rows]}

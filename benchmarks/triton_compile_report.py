@@ -14,8 +14,9 @@ Two sweeps (both by default):
   them compiles to a subset of the same code), bf16 and fp32 (fp16: the benchmarked ops; it differs
   from bf16 in the conversions only), at the widths where registers are tightest: the backward's tiles
   of several rows (N = 1024), the widest one-pass rows (8192; 16384 in the forward) and the chunked
-  backward with its column sums in registers (16384). ``--all-variants`` adds the variants without
-  parameters.
+  backward with its column sums in registers (16384); and the benchmarked ops with telemetry
+  (``store_stats``: the forward also writes row statistics), bf16 and fp32. ``--all-variants`` adds the
+  variants without parameters.
 - ``widths``: the four benchmarked ops (rms_norm, layer_norm, add_rms_norm Pre-LN, add_layer_norm
   Post-LN with a learned (N,) scale), bf16, N = 512 ... 65536: the rows the predictions of
   benchmarks/README.md read (registers, resident CTAs per SM, bytes in flight).
@@ -29,6 +30,7 @@ spills at N <= 16384.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -205,6 +207,9 @@ def sweep(all_variants_too: bool) -> list[tuple[str, Variant, str, int]]:
     for variant in benchmarked_variants().values():
         cases += [("widths", variant, "bf16", n) for n in ALL_WIDTHS]
         cases += [("spills", variant, "fp16", n) for n in widths]
+        # Telemetry (store_stats: the forward also writes row statistics) on the benchmarked ops.
+        monitored = dataclasses.replace(variant, store_stats=True)
+        cases += [("spills", monitored, dtype, n) for dtype in ("bf16", "fp32") for n in widths]
     return cases
 
 

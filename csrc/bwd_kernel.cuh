@@ -1,4 +1,5 @@
-// The backward kernel family (DESIGN section 2), with g = dy * weight and the forward's mean/rstd:
+// The backward kernel family (DESIGN section 2), with g = dy * (weight + weight_offset) and the
+// forward's mean/rstd:
 //
 //   xhat = (h - mean) * rstd        (RMSNorm: h * rstd)
 //   LayerNorm: dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dh_in
@@ -6,11 +7,13 @@
 //   dx = dh * mask / (1 - p);   dresidual = dh * s
 //   dweight = sum_rows dy * xhat;   dbias = sum_rows dy;   dscale = sum_rows dh * residual
 //
-// h is read (READ_H: the forward stored it, and took its statistics of the stored rounded values)
+// h is read (STORE_H: the forward stored it, and took its statistics of the stored rounded values)
 // or recomputed from x and residual exactly as the forward did (same pre_norm_sum, same mask).
-// Column sums: each (block, row group) accumulates its rows in registers and writes ONE partial row
-// (compute dtype) of a (partial_rows, N) buffer; column_sum_kernel then adds the partial rows in a
-// fixed order. No atomics, so the same inputs and grid give bit-identical gradients every run.
+// Column sums: each (block, row group) accumulates its rows in dynamic shared memory (one slot per
+// column sum, each thread its own cells: see partial_smem below) and writes ONE partial row (compute
+// dtype) of a (partial_rows, N) buffer; column_sum_kernel then adds the partial rows in a fixed order.
+// No atomics, and the grid is a pure function of the problem (backward_grid, fusednorm.h), so the same
+// inputs give bit-identical gradients every run and on every GPU.
 #pragma once
 
 #include "device_utils.cuh"
@@ -23,6 +26,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
   using C = typename V::C;
   constexpr int G = V::kGroup;
   constexpr int kGroups = V::kBwdGroups;
+  static_assert(V::kStaticStoreH, "the backward reads h or rebuilds it: STORE_H is static here");
   FUSEDNORM_SHARED C scratch[32 * 2];
 
   const int cols = static_cast<int>(p.cols);  // < 2^31 (checked on the host)
@@ -34,6 +38,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
   const bool learned_scale = kind == kScaleScalar || kind == kScaleVector;
   const C scale_scalar = scalar_scale<V>(p);
   const C dropout_scale = static_cast<C>(p.dropout_scale);
+  const C weight_offset = static_cast<C>(p.weight_offset);
   const uint64_t seed = V::kHasDropout ? static_cast<uint64_t>(*p.seed) : 0;
   const Operand<T> weight{p.weight, 0, V::weight_f32(p)};
   const Operand<T> h_in{p.h, p.h_row_stride, V::h_f32(p)};
@@ -93,7 +98,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
       const int col = column(c0, k);
       if (active && col < cols) {
         C h[G], dy[G];
-        if constexpr (V::kReadH) {
+        if constexpr (V::kStoreH) {
           h_in.template load<G>(row, col, cols, p.vectorized, h);
         } else {
           pre_norm_sum<V>(p, row, col, seed, scale_scalar, dropout_scale, h);
@@ -102,6 +107,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) bwd_kernel(const BwdParams p) 
         C w[G];
         if (has_weight) {
           weight.template load<G>(0, col, cols, p.vectorized, w);
+#pragma unroll
+          for (int i = 0; i < G; ++i) w[i] += weight_offset;
         } else {
 #pragma unroll
           for (int i = 0; i < G; ++i) w[i] = C(1);
@@ -261,15 +268,13 @@ cudaError_t launch_column_sum(const C* partial, int64_t rows, int64_t cols, Out*
   return cudaGetLastError();
 }
 
-// Static flags: IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, READ_H (16 backward kernels per x dtype); the
-// others are kRuntime, as in the forward (see fwd_kernel.cuh).
+// Static flags: IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, STORE_H (16 backward kernels per x dtype); the
+// others are read from the params, as in the forward (see fwd_kernel.cuh).
 template <typename V>
 cudaError_t run_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
   const auto kernel = bwd_kernel<V>;
   if (configure_only) {
-    const bool learned = p.scale_kind == kScaleScalar || p.scale_kind == kScaleVector;
-    const int slots = int(p.has_weight) + int(p.has_bias) + int(p.has_residual && learned);
-    LaunchConfig cfg = choose_block(p.cols, sizeof(typename V::T), /*backward=*/true, slots);
+    LaunchConfig cfg = p.launch;  // the block shape and shared memory (host.h); the grid follows
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(cfg.smem_bytes));
     if (err != cudaSuccess) return err;
@@ -284,15 +289,15 @@ cudaError_t run_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
   return cudaGetLastError();
 }
 
-// configure_only: fill p.launch (the grid fixes the number of partial rows, which the caller
+// configure_only: set p.launch.grid (it fixes the number of partial rows, which the caller
 // allocates); otherwise launch with p.launch.
 template <typename T>
 cudaError_t launch_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
   return FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     return FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       return FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        return FUSEDNORM_BOOL_SWITCH(p.read_h, READ_H, [&] {
-          return run_bwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, READ_H>>(p, stream, configure_only);
+        return FUSEDNORM_BOOL_SWITCH(p.store_h, STORE_H, [&] {
+          return run_bwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, STORE_H>>(p, stream, configure_only);
         });
       });
     });

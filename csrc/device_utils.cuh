@@ -15,7 +15,7 @@
 namespace fusednorm {
 
 // Block-shared arrays. __shared__ on the device; `static` when the kernels are compiled as host
-// C++ by the CPU emulation of tests/test_cuda_emulated.py (one block at a time, its threads as
+// C++ by the CPU emulation of emulation/emulate.cpp (one block at a time, its threads as
 // std::threads), where a function-local static is exactly "one array per running block".
 #ifdef __CUDACC__
 #define FUSEDNORM_SHARED __shared__
@@ -205,12 +205,14 @@ __device__ __forceinline__ bool flag(bool runtime_value) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Variant: the kernel family's template parameter. Static flags fold away; kRuntime flags read the
-// params. Both kernels call the same accessors, whatever the dispatcher fixed.
+// Variant: the kernel family's template parameter. x's dtype T and the flags that change a kernel's
+// passes, register arrays or Philox work: IS_RMS, HAS_RESIDUAL, HAS_DROPOUT (kOn/kOff) and STORE_H
+// (kOn/kOff in the backward, which reads h or rebuilds it; kRuntime in the forward, where it is one
+// uniform branch around the store of h). Every other fact is read from the params struct through
+// the accessors below (csrc/README.md says why); for float32 x the "float32 or x's dtype" choices
+// fold away.
 // ---------------------------------------------------------------------------------------------
-template <typename T_, int IsRms, int HasResidual, int HasDropout, int ReadH = kOff,
-          int ScaleKindV = kScaleRuntime, int StoreH = kRuntime, int HasWeight = kRuntime, int HasBias = kRuntime,
-          int ResidualF32 = kRuntime, int HF32 = kRuntime, int ParamsF32 = kRuntime>
+template <typename T_, int IsRms, int HasResidual, int HasDropout, int StoreH>
 struct Variant {
   using T = T_;
   using C = typename ComputeOf<T>::type;
@@ -218,36 +220,31 @@ struct Variant {
   static constexpr int kFwdGroups = fwd_groups_per_thread(sizeof(T));
   static constexpr int kBwdGroups = bwd_groups_per_thread(sizeof(T));
   static_assert(kGroup * sizeof(T) == 16, "one group of x is one 128-bit access");
-  static_assert(IsRms != kRuntime && HasResidual != kRuntime && HasDropout != kRuntime && ReadH != kRuntime,
-                "IS_RMS, HAS_RESIDUAL, HAS_DROPOUT and READ_H change the kernel's passes: always static");
-  // float32 x: "T or float32" is no choice at all.
-  static constexpr int kF32Mode(int m) { return std::is_same_v<T, float> ? kOff : m; }
+  static_assert(IsRms != kRuntime && HasResidual != kRuntime && HasDropout != kRuntime,
+                "IS_RMS, HAS_RESIDUAL and HAS_DROPOUT change the kernel's passes: always static");
 
   static constexpr bool kIsRms = IsRms == kOn;
   static constexpr bool kHasResidual = HasResidual == kOn;
   static constexpr bool kHasDropout = HasDropout == kOn;
-  static constexpr bool kReadH = ReadH == kOn;
+  static constexpr bool kStaticStoreH = StoreH != kRuntime;
+  static constexpr bool kStoreH = StoreH == kOn;  // when kStaticStoreH
+  static constexpr bool kXIsF32 = std::is_same_v<T, float>;
 
   template <typename P> __device__ static int scale_kind(const P& p) {
-    if constexpr (!kHasResidual) {
-      return kScaleNone;
-    } else if constexpr (ScaleKindV == kScaleRuntime) {
+    if constexpr (kHasResidual) {
       return p.scale_kind;
     } else {
-      return ScaleKindV;
+      return kScaleNone;
     }
   }
-  __device__ static bool store_h(const FwdParams& p) { return flag<StoreH>(p.store_h); }
-  template <typename P> __device__ static bool has_weight(const P& p) { return flag<HasWeight>(p.has_weight); }
-  template <typename P> __device__ static bool has_bias(const P& p) { return flag<HasBias>(p.has_bias); }
-  template <typename P> __device__ static bool residual_f32(const P& p) {
-    return flag<kF32Mode(ResidualF32)>(p.residual_f32);
-  }
-  template <typename P> __device__ static bool h_f32(const P& p) { return flag<kF32Mode(HF32)>(p.h_f32); }
-  __device__ static bool weight_f32(const FwdParams& p) { return flag<kF32Mode(ParamsF32)>(p.weight_f32); }
-  __device__ static bool weight_f32(const BwdParams& p) { return flag<kF32Mode(ParamsF32)>(p.weight_f32); }
-  __device__ static bool bias_f32(const FwdParams& p) { return flag<kF32Mode(ParamsF32)>(p.bias_f32); }
-  template <typename P> __device__ static bool scale_f32(const P& p) { return flag<kF32Mode(ParamsF32)>(p.scale_f32); }
+  template <typename P> __device__ static bool store_h(const P& p) { return flag<StoreH>(p.store_h); }
+  template <typename P> __device__ static bool has_weight(const P& p) { return p.has_weight; }
+  template <typename P> __device__ static bool has_bias(const P& p) { return p.has_bias; }
+  template <typename P> __device__ static bool residual_f32(const P& p) { return !kXIsF32 && p.residual_f32; }
+  template <typename P> __device__ static bool h_f32(const P& p) { return !kXIsF32 && p.h_f32; }
+  template <typename P> __device__ static bool weight_f32(const P& p) { return !kXIsF32 && p.weight_f32; }
+  __device__ static bool bias_f32(const FwdParams& p) { return !kXIsF32 && p.bias_f32; }
+  template <typename P> __device__ static bool scale_f32(const P& p) { return !kXIsF32 && p.scale_f32; }
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -4,18 +4,20 @@
 //   LayerNorm: mean = sum(h) / N;  rstd = 1 / sqrt(sum((h - mean)^2) / N + eps)   (two passes over
 //              registers: never E[h^2] - E[h]^2, which cancels when |mean| >> std)
 //   RMSNorm:   rstd = 1 / sqrt(sum(h^2) / N + eps)
-//   y = (h - mean) * rstd * weight + bias
+//   y = (h - mean) * rstd * (weight + weight_offset) + bias
 //
 // One row group (blockDim.x threads, threadIdx.y selects the row) per row; each thread holds
 // kFwdGroups 128-bit groups of the row. Rows wider than the registers (LaunchConfig::row_fits false)
 // are processed chunk by chunk and h is recomputed from x and residual in each pass (L2 hits).
+// StoreStats (kOn/kOff, a template parameter): also write the row statistics of row_stats.cuh.
 #pragma once
 
 #include "device_utils.cuh"
+#include "row_stats.cuh"
 
 namespace fusednorm {
 
-template <typename V>
+template <typename V, int StoreStats>
 __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) {
   using T = typename V::T;
   using C = typename V::C;
@@ -33,6 +35,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
   const C dropout_scale = static_cast<C>(p.dropout_scale);
   const uint64_t seed = V::kHasDropout ? static_cast<uint64_t>(*p.seed) : 0;
   const C eps = static_cast<C>(p.eps);
+  const C weight_offset = static_cast<C>(p.weight_offset);
   const Operand<T> weight{p.weight, 0, V::weight_f32(p)};
   const Operand<T> bias{p.bias, 0, V::bias_f32(p)};
   const OutOperand<T> h_out{p.h, cols, h_f32};
@@ -57,6 +60,30 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
       }
     }
   };
+  // The first pass's loads: with StoreStats they also fold f, residual * s and h into row_stats.
+  [[maybe_unused]] RowStats<C> row_stats;
+  auto load_first = [&](int64_t row, bool active, int c0) {
+    if constexpr (StoreStats == kOn) {
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const int col = column(c0, g);
+        if (active && col < cols) {
+          C f[G], rs[G];
+          pre_norm_parts<V>(p, row, col, seed, scale_scalar, dropout_scale, h[g], f, rs);
+          if (store_h) {
+#pragma unroll
+            for (int i = 0; i < G; ++i) h[g][i] = round_through<T>(h[g][i], h_f32);
+          }
+          row_stats.template add<V::kHasResidual>(f, rs, h[g], cols - col < G ? cols - col : G);
+        } else {
+#pragma unroll
+          for (int i = 0; i < G; ++i) h[g][i] = C(0);
+        }
+      }
+    } else {
+      load_chunk(row, active, c0);
+    }
+  };
 
   // Every thread runs the same number of iterations (row_allreduce synchronizes the block).
   const int64_t row_step = int64_t(gridDim.x) * blockDim.y;
@@ -64,11 +91,12 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
     const int64_t row = first_row + threadIdx.y;
     const bool active = row < p.rows;
 
-    if (fits) load_chunk(row, active, 0);
+    if constexpr (StoreStats == kOn) row_stats = RowStats<C>{};
+    if (fits) load_first(row, active, 0);
     // Pass 1: sum(h) (LayerNorm) or sum(h^2) (RMSNorm). Out-of-row entries are 0.
     C acc[1] = {C(0)};
     for (int c0 = 0; c0 < cols; c0 += chunk) {
-      if (!fits) load_chunk(row, active, c0);
+      if (!fits) load_first(row, active, c0);
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
 #pragma unroll
@@ -76,6 +104,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
       }
     }
     row_allreduce(acc, scratch);
+    if constexpr (StoreStats == kOn) store_row_stats(row_stats, row, active, p.cols, static_cast<float*>(p.stats));
     C mean = C(0), rstd;
     if constexpr (V::kIsRms) {
       rstd = C(1) / sqrt(acc[0] / static_cast<C>(cols) + eps);
@@ -118,7 +147,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
           C w[G];
           weight.template load<G>(0, col, cols, p.vectorized, w);
 #pragma unroll
-          for (int i = 0; i < G; ++i) y[i] *= w[i];
+          for (int i = 0; i < G; ++i) y[i] *= w[i] + weight_offset;
         }
         if (V::has_bias(p)) {
           C b[G];
@@ -134,14 +163,16 @@ __global__ void __launch_bounds__(kMaxThreads, 1) fwd_kernel(const FwdParams p) 
 }
 
 #ifdef __CUDACC__  // the launchers (the CPU emulation launches the kernels itself)
-// Runtime -> template dispatch of the static flags (IS_RMS, HAS_RESIDUAL, HAS_DROPOUT): 4 x dtype
-// * 8 forward kernels. SCALE_KIND, STORE_H, HAS_WEIGHT, HAS_BIAS and the residual/h/parameter dtypes
-// stay kRuntime: each costs one uniform branch per 128-bit group in a memory-bound loop, while making
-// them static would multiply the instantiations by 4 * 2 * 2 * 2 * 8 (compile time).
-template <typename V>
+// Runtime -> template dispatch of the static flags (IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, and the
+// telemetry's STORE_STATS, a kernel of its own so that the kernels without it are unchanged): 4 x dtype
+// * 16 forward kernels. STORE_H (kRuntime here), SCALE_KIND, HAS_WEIGHT, HAS_BIAS and the
+// residual/h/parameter dtypes are read from the params: each costs one uniform branch per 128-bit
+// group in a memory-bound loop, while making them static would multiply the instantiations by
+// 2 * 4 * 2 * 2 * 8 (compile time).
+template <typename V, int StoreStats>
 cudaError_t run_fwd(FwdParams& p, cudaStream_t stream) {
-  const auto kernel = fwd_kernel<V>;
-  LaunchConfig cfg = choose_block(p.cols, sizeof(typename V::T), /*backward=*/false);
+  const auto kernel = fwd_kernel<V, StoreStats>;
+  LaunchConfig cfg = p.launch;  // the block shape (host.h); the grid depends on the occupancy
   int blocks_per_sm = 1;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &blocks_per_sm, kernel, cfg.threads_per_row * cfg.rows_per_block, 0);
@@ -157,7 +188,9 @@ cudaError_t launch_fwd(FwdParams& p, cudaStream_t stream) {
   return FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     return FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       return FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        return run_fwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT>>(p, stream);
+        return FUSEDNORM_BOOL_SWITCH(p.store_stats, STORE_STATS, [&] {
+          return run_fwd<Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, kRuntime>, STORE_STATS>(p, stream);
+        });
       });
     });
   });

@@ -4,7 +4,7 @@ See README.md for usage and DESIGN.md for the math and the contract.
 """
 
 from . import models, ops  # noqa: F401  (ops registers torch.ops.fusednorm.*; models: reference encoders)
-from .admin import admin_init, deepnorm_constants, deepnorm_init_
+from .admin import admin_init, deepnorm_constants
 from .backends import BackendUnavailableError, available_backends, get_backend, set_backend
 from .functional import (
     AddLayerNormFunction,
@@ -16,7 +16,10 @@ from .functional import (
     layer_norm,
     rms_norm,
 )
-from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm, replace_norms
+from .integrations.norms import replace_norms
+from .models import deepnorm_init_
+from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from .monitor import monitor  # fusednorm.monitor is this function; ``from fusednorm.monitor import Monitor``
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,6 @@ __all__ = [
     "AddLayerNorm", "AddLayerNormFunction", "AddRMSNorm", "AddRMSNormFunction",
     "BackendUnavailableError", "LayerNorm", "LayerNormFunction", "RMSNorm", "RMSNormFunction",
     "add_layer_norm", "add_rms_norm", "admin_init", "available_backends", "deepnorm_constants",
-    "deepnorm_init_", "get_backend", "layer_norm",
+    "deepnorm_init_", "get_backend", "layer_norm", "monitor",
     "replace_norms", "rms_norm", "set_backend",
 ]

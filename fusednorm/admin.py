@@ -18,6 +18,10 @@ of the tensor* (the reference flattens the whole (T, B, C) tensor and calls ``np
 number per tensor, not a per-feature variance. omega is then written into every entry of the
 learned ``residual_scale`` (a vector in the reference: one value filled into all features).
 
+The variances come from the fused kernels themselves, through ``fusednorm.monitor``: the profiled calls
+run with the telemetry flag and their per-row (mean, M2) of residual * omega and of f, computed in
+float32, are merged over the call in float64 (one code path for Admin's numbers and the monitor's beta).
+
 Since the stream is a LayerNorm output, Var[residual_i] ~ 1 after the first sublayer, so ``ratio**2``
 accumulates ``sum_{j<=i} Var[f_j]`` plus the stream's own variance: the paper's
 ``omega_i = sqrt(sum_{j<i} Var[f_j])`` up to that measured stream term.
@@ -40,12 +44,14 @@ Without a batch (``run_forward=None``) the closed form of admin-torch (``calcula
 
 DeepNorm: ``x_{i} = LN(alpha * x_{i-1} + f_i(x_{i-1}))`` with a constant alpha (an ``AddLayerNorm`` with
 ``residual_scale=alpha``) and the branch weights (FFN, attention value and output projections; not
-queries/keys) initialised with Xavier-normal gain beta. See :func:`deepnorm_constants`.
+queries/keys) initialised with Xavier-normal gain beta. See :func:`deepnorm_constants`; the re-initialisation of
+the reference encoder's weights, ``deepnorm_init_``, lives with that encoder in ``fusednorm.models``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
@@ -53,9 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from .modules import AddLayerNorm, AddRMSNorm
+from .monitor import CALL_FIELDS, Monitor
 
-__all__ = ["AdminRecord", "admin_closed_form", "admin_init", "deepnorm_constants", "deepnorm_init_",
-           "learned_scale_modules"]
+__all__ = ["AdminRecord", "admin_closed_form", "admin_init", "deepnorm_constants", "learned_scale_modules"]
 
 
 class AdminRecord(NamedTuple):
@@ -91,9 +97,7 @@ def admin_closed_form(num_residual_layers: int) -> float:
     return math.sqrt((n + 1) / math.log(n + 1) - 1.0)
 
 
-def _population_variance(t: Tensor) -> Tensor:
-    """Var over every element (ddof = 0), accumulated in float64; a 0-d float64 tensor on t's device."""
-    return t.detach().to(torch.float64).var(correction=0)
+_VARIANCES = [CALL_FIELDS.index("var_stream"), CALL_FIELDS.index("var_branch")]
 
 
 def _averaged_over_ranks(values: Tensor) -> Tensor:
@@ -118,8 +122,9 @@ def admin_init(model: nn.Module, run_forward: Callable[[], object] | None = None
         run_forward: a callable that runs one forward pass of ``model`` on a real batch (e.g.
             ``lambda: model(tokens)``). It runs under ``torch.no_grad()`` with the model in eval mode.
             Each learned-scale module's forward pre-hook sets ``omega = ratio`` (the running ratio, start 1)
-            before the module computes, then updates ``ratio = sqrt(Var[residual * omega] + Var[x])``
-            (population variances over all elements; averaged over ranks under torch.distributed).
+            before the module computes; after the call ``ratio = sqrt(Var[residual * omega] + Var[x])``
+            (population variances over all elements, from the kernels' row statistics as
+            ``fusednorm.monitor`` collects them; averaged over ranks under torch.distributed).
             None: the closed form :func:`admin_closed_form` with N = ``num_residual_layers`` (default: the
             number of learned-scale modules) for every module.
         num_residual_layers: N for the closed form (ignored with run_forward).
@@ -134,24 +139,30 @@ def admin_init(model: nn.Module, run_forward: Callable[[], object] | None = None
     Training flags are restored and the hooks removed, also when ``run_forward`` raises.
     """
     modules = learned_scale_modules(model)
+    if not modules:
+        warnings.warn(f"admin_init found no AddLayerNorm/AddRMSNorm with a learned residual_scale in "
+                      f"{type(model).__name__}: nothing was set (build them with residual_scale='vector' or "
+                      "'scalar', e.g. fuse_model(model, residual_scale='vector'))", stacklevel=2)
+        return []
     if run_forward is None:
         n = num_residual_layers if num_residual_layers is not None else len(modules)
-        if not modules:
-            return []
         omega = admin_closed_form(n)
         with torch.no_grad():
             for _, m in modules:
                 m.residual_scale.fill_(omega)
         return [AdminRecord(name, math.nan, math.nan, omega) for name, _ in modules]
 
+    if not modules:
+        return []
     records: list[AdminRecord] = []
     ratios: dict[Hashable, float] = {}
+    pending: list[tuple[str, Hashable, float]] = []  # the omega set for a call, until its statistics arrive
+    mon = Monitor(model, modules)
 
-    def make_hook(name: str):
+    def make_hooks(name: str):
         key = group(name) if group is not None else None
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-            x = args[0] if len(args) > 0 else kwargs["x"]
             residual = args[1] if len(args) > 1 else kwargs.get("residual")
             if residual is None:
                 return None  # no residual stream: nothing to scale (the module rejects a scale anyway)
@@ -159,21 +170,29 @@ def admin_init(model: nn.Module, run_forward: Callable[[], object] | None = None
             # Set omega first: this very call must use it, and Var[residual * omega] sees it.
             with torch.no_grad():
                 module.residual_scale.fill_(omega)
-            scale = module.residual_scale.detach().to(torch.float64)
-            variances = torch.stack([_population_variance(residual.detach().to(torch.float64) * scale),
-                                     _population_variance(x)])
-            var_r, var_f = (float(v) for v in _averaged_over_ranks(variances))
+            pending.append((name, key, omega))
+            return None
+
+        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+            if not pending or pending[-1][0] != name:
+                return None
+            _, _, omega = pending.pop()
+            var_r, var_f = (float(v) for v in _averaged_over_ranks(mon.latest()[_VARIANCES]))
             ratios[key] = math.sqrt(var_r + var_f)
             records.append(AdminRecord(name, var_r, var_f, omega))
             return None
 
-        return pre_hook
+        return pre_hook, post_hook
 
     training = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_pre_hook(make_hook(name), with_kwargs=True) for name, m in modules]
+    handles = []
+    for name, m in modules:
+        pre_hook, post_hook = make_hooks(name)
+        handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(m.register_forward_hook(post_hook, with_kwargs=True))
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), mon:
             run_forward()
     finally:
         for h in handles:
@@ -204,30 +223,3 @@ def deepnorm_constants(encoder_layers: int = 0, decoder_layers: int = 0) -> dict
     if n:
         return {"encoder": ((2 * n) ** 0.25, (8 * n) ** -0.25)}
     return {"decoder": ((2 * m) ** 0.25, (8 * m) ** -0.25)}
-
-
-def deepnorm_init_(model: nn.Module, beta: float) -> list[str]:
-    """Re-initialise the branch weights of every fusednorm.models layer in ``model`` with Xavier-normal gain beta.
-
-    Branch weights are those each layer lists in ``deepnorm_branch_linears()`` (FFN in/out, attention value
-    and output projections); the query/key projections (``deepnorm_other_linears()``) get gain 1, as in the
-    DeepNet paper. Biases are zeroed.
-    Returns the qualified names of the weights set to gain beta.
-    """
-    from .models import EncoderLayer  # models imports admin-free modules only; avoid a cycle at import time
-
-    names: list[str] = []
-    with torch.no_grad():
-        for lname, layer in model.named_modules():
-            if not isinstance(layer, EncoderLayer):
-                continue
-            for pname, lin in layer.deepnorm_branch_linears():
-                nn.init.xavier_normal_(lin.weight, gain=beta)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-                names.append(f"{lname}.{pname}.weight" if lname else f"{pname}.weight")
-            for _, lin in layer.deepnorm_other_linears():
-                nn.init.xavier_normal_(lin.weight, gain=1.0)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-    return names

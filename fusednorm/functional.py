@@ -2,11 +2,16 @@
 
 Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
 dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
-``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the parameters the
-backward reads; per-row float32 mean/rstd; the dropout seed), never a dropout mask.
+``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the residual beside h
+for a learned scale in the Pre-LN layout; the parameters the backward reads; per-row float32
+mean/rstd; the dropout seed), never a dropout mask.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -17,6 +22,12 @@ from .dropout import draw_seed
 from .variant import ScaleKind, Variant
 
 ResidualScale = float | Tensor | None
+
+# Telemetry hook (fusednorm.monitor; DESIGN section 7). While a monitor sets it around a module's call, the
+# forward asks the kernels for the row statistics (Variant.store_stats) and hands them to this callable:
+# sink(stats: (M, 8) float32, N). None (the default): nothing is asked or computed. Compiled regions never
+# ask: torch.compile traces every call with the flag off.
+stats_sink: ContextVar[Callable[[Tensor, int], None] | None] = ContextVar("fusednorm_stats_sink", default=None)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -42,6 +53,8 @@ def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
 def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
                   residual_in_fp32, weight_offset, backend: str | None):
+    if type(x) is not Tensor and not torch.compiler.is_compiling():
+        _register_dtensor_rules(x)
     _validate.check_input(x)
     _validate.check_residual(residual, x)
     _validate.check_param("weight", weight, x)
@@ -53,11 +66,13 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
     weight_offset = _validate.check_weight_offset(weight_offset, weight)
     name = backends.resolve(backend, x.device)
+    sink = None if torch.compiler.is_compiling() else stats_sink.get()
 
     variant = Variant.from_call(
         is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
         scale_kind=_scale_kind(residual_scale), dropout_p=dropout_p, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None)
+        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None,
+        store_stats=sink is not None)
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     args = ForwardArgs(
@@ -68,6 +83,8 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
         scale_value=float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0,
         dropout_p=dropout_p, weight_offset=weight_offset)
     out = ops.forward(variant, args, name)
+    if sink is not None:
+        sink(out.stats, args.x.shape[-1])
 
     available = dict(x=args.x, residual=args.residual, h=out.h, weight=args.weight,
                      residual_scale=args.residual_scale, mean=out.mean, rstd=out.rstd, seed=args.seed)
@@ -80,6 +97,16 @@ def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight:
     if prenorm:
         return y, _as_output(out.h, x.shape)
     return y
+
+
+def _register_dtensor_rules(x) -> None:
+    """DTensors reach the custom ops through sharding rules (fusednorm.distributed), registered at the
+    first DTensor call so that ``import fusednorm`` never imports torch.distributed."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
+        from . import distributed
+
+        distributed.register_sharding_rules()
 
 
 def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
@@ -96,8 +123,9 @@ def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[
     variant: Variant = meta["variant"]
     saved = dict(zip(variant.saved, ctx.saved_tensors, strict=True))
     shape = meta["x_shape"]
-    if dy is None:
-        dy = torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device)
+    if dy is None:  # only h got a gradient; zeros_like keeps dh_in's DTensor placement, if it has one
+        dy = (torch.zeros_like(dh_in, dtype=meta["x_dtype"]) if dh_in is not None
+              else torch.zeros(shape, dtype=meta["x_dtype"], device=saved["rstd"].device))
     args = BackwardArgs(
         dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
         dh_in=_rows(dh_in) if dh_in is not None else None, x=saved.get("x"), residual=saved.get("residual"),

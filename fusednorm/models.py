@@ -13,13 +13,16 @@ Shapes: activations are (B, T, d_model) in the parameters' dtype.
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .admin import deepnorm_constants, deepnorm_init_
+from .admin import deepnorm_constants
 from .modules import AddLayerNorm, AddRMSNorm
 
-__all__ = ["VARIANTS", "Encoder", "EncoderLayer", "FeedForward", "SelfAttention"]
+__all__ = ["VARIANTS", "Encoder", "EncoderLayer", "FeedForward", "SelfAttention", "deepnorm_init_"]
 
 VARIANTS = ("post", "pre", "admin", "deepnorm")
 
@@ -124,6 +127,34 @@ class EncoderLayer(nn.Module):
         # The fused module computes Norm(residual * s + x): x is the branch, residual the stream.
         x = self.attn_norm(self.attn(x, attn_mask), x)
         return self.ffn_norm(self.ffn(x), x)
+
+
+def deepnorm_init_(model: nn.Module, beta: float) -> list[str]:
+    """Re-initialise the branch weights of every EncoderLayer in ``model`` with Xavier-normal gain beta.
+
+    Branch weights are those each layer lists in ``deepnorm_branch_linears()`` (FFN in/out, attention value
+    and output projections); the query/key projections (``deepnorm_other_linears()``) get gain 1, as in the
+    DeepNet paper. Biases are zeroed. beta: see :func:`fusednorm.deepnorm_constants`.
+    Returns the qualified names of the weights set to gain beta.
+    """
+    names: list[str] = []
+    with torch.no_grad():
+        for lname, layer in model.named_modules():
+            if not isinstance(layer, EncoderLayer):
+                continue
+            for pname, lin in layer.deepnorm_branch_linears():
+                nn.init.xavier_normal_(lin.weight, gain=beta)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+                names.append(f"{lname}.{pname}.weight" if lname else f"{pname}.weight")
+            for _, lin in layer.deepnorm_other_linears():
+                nn.init.xavier_normal_(lin.weight, gain=1.0)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+    if not names:
+        warnings.warn(f"deepnorm_init_ found no fusednorm.models EncoderLayer in {type(model).__name__}: nothing "
+                      "was initialised", stacklevel=2)
+    return names
 
 
 class Encoder(nn.Module):

@@ -1,7 +1,7 @@
 """The op layer: two torch.library custom ops that every public function and module runs through.
 
     torch.ops.fusednorm.fwd(x, residual, weight, bias, residual_scale, seed, variant, eps, scale_value,
-                            dropout_p, weight_offset, backend) -> (y, h, mean, rstd)
+                            dropout_p, weight_offset, backend) -> (y, h, mean, rstd, stats)
     torch.ops.fusednorm.bwd(dy, dh_in, x, residual, h, weight, residual_scale, mean, rstd, seed, variant,
                             scale_value, dropout_p, weight_offset, bias_dtype, backend)
                             -> (dx, dresidual, dweight, dbias, dscale)
@@ -36,7 +36,7 @@ from .variant import Variant
 @torch.library.custom_op("fusednorm::fwd", mutates_args=())
 def fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
         residual_scale: Tensor | None, seed: Tensor | None, variant: int, eps: float, scale_value: float,
-        dropout_p: float, weight_offset: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dropout_p: float, weight_offset: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = ForwardArgs(x, residual, weight, bias, residual_scale, seed, eps, scale_value, dropout_p, weight_offset)
     return tuple(backends.implementation(backend).forward(Variant.from_flags(variant), args))
 

@@ -1,22 +1,25 @@
 """The correctness method of DESIGN section 6, shared by the tests and ``python -m fusednorm.check``.
 
-The oracle here is written from the math of DESIGN sections 1 and 2 with plain float64 torch ops
-and autograd; it imports nothing from the backends (only the dropout mask's definition, which is
-part of the spec). Each case is compared three ways on fresh random inputs:
+A ``Case`` is one ``fusednorm.variant.Variant`` applied to inputs of one shape and dtype. The oracle
+here is written from the math of DESIGN sections 1 and 2 with plain float64 torch ops and autograd; it
+imports nothing from the backends (only the dropout mask's definition, which is part of the spec). Each
+case is compared three ways on fresh random inputs:
 
     fused     : the public function on the backend under test
     reference : float64 autograd of the formulas, from the same inputs upcast
     torch_own : PyTorch's own computation in the input dtype (F.layer_norm / F.rms_norm)
 
 and passes when  max|fused - reference| <= 2 * max|torch_own - reference| + atol  for y, h and
-every gradient, and NaN/Inf appear in the fused result exactly where they appear in the reference.
+every gradient, and NaN/Inf appear in the fused result exactly where they appear in the reference
+(``assert_section6``). Which cases each backend runs: ``fusednorm.case_matrix``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -24,48 +27,109 @@ import torch.nn.functional as F
 import fusednorm  # the public API under test (fusednorm itself never imports this module)
 
 from .dropout import draw_seed, dropout_keep_mask
-
-OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm")
-RESIDUAL_KINDS = ("none", "plain", "float", "scalar", "vector")
+from .variant import ScaleKind, Variant, all_variants
 
 # The "small atol" of DESIGN section 6, per dtype, relative to the reference's magnitude
 # (max(1, max|ref|)): a few units of the dtype's epsilon.
 ATOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DROPOUT_P = 0.25  # the dropout probability of a case whose variant has dropout
+CONSTANT_SCALE = 0.75  # the residual scale of a ScaleKind.CONSTANT case (DeepNorm's alpha)
+_SHORT = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@lru_cache(maxsize=1)
+def case_variants() -> tuple[Variant, ...]:
+    """Every variant a public call can produce: ``all_variants()`` plus the Pre-LN calls without a residual
+    (``add_*_norm(x, None, ..., prenorm=True[, residual_in_fp32=True])``), which it does not list."""
+    extra = []
+    for v in all_variants():
+        if not v.has_residual:
+            extra += [dataclasses.replace(v, prenorm=True), dataclasses.replace(v, prenorm=True, h_f32=True)]
+    return tuple(all_variants()) + tuple(extra)
+
+
+@cache
+def variant(name: str) -> Variant:
+    """The variant called ``name`` (``Variant.name``, e.g. "add_layer_norm[vector,prenorm]"; the defaults
+    are those of a public call with its affine parameters: weight, and bias for LayerNorm)."""
+    for v in case_variants():
+        if v.name == name:
+            return v
+    raise ValueError(f"no variant is named {name!r}; e.g. {case_variants()[-1].name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One configuration of one op. ``param_dtype`` None means the parameters share x's dtype."""
+    """One variant on inputs of one shape and dtype. ``variant``: a Variant or its name. ``param_dtype`` None
+    means the parameters share x's dtype; ``dropout_p`` None means ``DROPOUT_P`` when the variant has
+    dropout; ``weight_offset``: the affine weight is weight + weight_offset (keyword of every function)."""
 
-    op: str
+    variant: Variant
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float32
     param_dtype: torch.dtype | None = None
-    residual_kind: str = "none"
-    prenorm: bool = False
-    residual_in_fp32: bool = False
-    dropout_p: float = 0.0
-    has_weight: bool = True
-    has_bias: bool = True
-    eps: float = 1e-5
+    eps: float | None = 1e-5
+    dropout_p: float | None = None
+    weight_offset: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.variant, str):
+            object.__setattr__(self, "variant", variant(self.variant))
+        v = self.variant
+        if self.dropout_p is None:
+            object.__setattr__(self, "dropout_p", DROPOUT_P if v.has_dropout else 0.0)
+        if (self.dropout_p > 0) != v.has_dropout:
+            raise ValueError(f"dropout_p={self.dropout_p} does not fit {v.name}")
+        if self.weight_offset and not v.has_weight:
+            raise ValueError(f"weight_offset needs a weight: {v.name}")
+        called = Variant.from_call(
+            is_rms=v.is_rms, x_dtype=self.dtype, residual_dtype=v.residual_dtype(self.dtype), scale_kind=v.scale_kind,
+            dropout_p=self.dropout_p, prenorm=v.prenorm, residual_in_fp32=self.residual_in_fp32,
+            has_weight=v.has_weight, has_bias=v.has_bias)
+        if called != v:
+            raise ValueError(f"no call with {self.dtype} x is the variant {v.name} (it would be {called.name})")
 
     @property
-    def is_rms(self) -> bool:
-        return self.op.endswith("rms_norm")
+    def function(self) -> str:
+        """The public function the case calls: add_* whenever an option only add_* takes is set."""
+        v = self.variant
+        add = v.has_residual or v.prenorm or v.has_dropout or v.h_f32
+        return ("add_" if add else "") + ("rms_norm" if v.is_rms else "layer_norm")
 
     @property
-    def has_residual(self) -> bool:
-        return self.residual_kind != "none"
+    def residual_in_fp32(self) -> bool:
+        """The call's flag: asked for when h is float32 although the residual is not (a float32 residual
+        gives a float32 h by itself)."""
+        return self.variant.h_f32 and not self.variant.residual_f32
+
+    @property
+    def outputs(self) -> frozenset[str]:
+        """Every output and gradient that the comparison must check."""
+        v = self.variant
+        present = {"y": True, "dx": True, "h": v.prenorm, "dresidual": v.has_residual, "dweight": v.has_weight,
+                   "dbias": v.has_bias, "dresidual_scale": v.learned_scale}
+        return frozenset(name for name, there in present.items() if there)
 
     def name(self) -> str:
-        dt = str(self.dtype).replace("torch.", "")
-        if self.param_dtype is not None:
-            dt += "/" + str(self.param_dtype).replace("torch.", "") + " params"
-        flags = [self.residual_kind if self.op.startswith("add") else "",
-                 "prenorm" if self.prenorm else "", "res_fp32" if self.residual_in_fp32 else "",
-                 f"p={self.dropout_p}" if self.dropout_p else "",
-                 "" if self.has_weight else "no_weight", "" if self.has_bias or self.is_rms else "no_bias"]
-        return f"{self.op}[{'x'.join(map(str, self.shape))} {dt} {' '.join(f for f in flags if f)}]".replace(" ]", "]")
+        dt = _SHORT[self.dtype] + (f"/{_SHORT[self.param_dtype]}" if self.param_dtype else "")
+        extra = f"-w{self.weight_offset:+g}" if self.weight_offset else ""
+        return f"{self.variant.name}-{'x'.join(map(str, self.shape))}-{dt}{extra}"
+
+    def call(self, tensors: dict, backend: str | None):
+        """The public function of this case on ``tensors`` (x, residual, weight, bias, residual_scale;
+        missing ones are None; a constant scale is ``CONSTANT_SCALE``). Returns y, or (y, h)."""
+        t = tensors.get
+        common = dict(weight_offset=self.weight_offset, backend=backend)
+        if not self.function.startswith("add_"):
+            if self.variant.is_rms:
+                return fusednorm.rms_norm(t("x"), t("weight"), self.eps, **common)
+            return fusednorm.layer_norm(t("x"), t("weight"), t("bias"), self.eps, **common)
+        scale = CONSTANT_SCALE if self.variant.scale_kind == ScaleKind.CONSTANT else t("residual_scale")
+        common.update(residual_scale=scale, dropout_p=self.dropout_p, prenorm=self.variant.prenorm,
+                      residual_in_fp32=self.residual_in_fp32)
+        if self.variant.is_rms:
+            return fusednorm.add_rms_norm(t("x"), t("residual"), t("weight"), self.eps, **common)
+        return fusednorm.add_layer_norm(t("x"), t("residual"), t("weight"), t("bias"), self.eps, **common)
 
 
 @dataclasses.dataclass
@@ -91,10 +155,28 @@ class Comparison:
     def ratio(self) -> float:
         return self.error / self.torch_error if self.torch_error > 0 else (0.0 if self.error == 0 else math.inf)
 
+    def describe(self) -> str:
+        return (f"{self.case.name()} {self.output}: err {self.error:.3g} > bound {self.bound:.3g} "
+                f"(torch {self.torch_error:.3g}){'' if self.nonfinite_match else ' NaN/Inf mismatch'}")
+
+
+def assert_section6(results: Iterable[Comparison], complete: bool = True) -> None:
+    """The one assertion of every correctness test: each comparison passes (NaN never does), and with
+    ``complete`` the results cover exactly every output and gradient of their case."""
+    results = list(results)
+    failures = [r.describe() for r in results if not r.ok]
+    assert not failures, "\n".join(failures)
+    assert results, "nothing was compared"
+    if complete:
+        case = results[0].case
+        assert {r.output for r in results} == case.outputs, (case.name(), sorted(r.output for r in results))
+
 
 def make_inputs(case: Case, device="cpu", generator: torch.Generator | None = None) -> dict:
-    """Fresh random inputs for ``case``: never zeros, rows offset so that their mean is not ~0."""
+    """Fresh random inputs for ``case``: never zeros, rows offset so that their mean is not ~0; the affine
+    weight (weight + weight_offset) is ~1 + 0.2 * N(0, 1) whatever the offset (Gemma stores w ~ 0, offset 1)."""
     *lead, n = case.shape
+    v = case.variant
     pdt = case.param_dtype or case.dtype
 
     def rand(*shape, dtype=torch.float32):
@@ -104,21 +186,20 @@ def make_inputs(case: Case, device="cpu", generator: torch.Generator | None = No
         return (rand(*case.shape) + 3.0 * rand(*lead, 1)).to(dtype)
 
     inputs = dict(x=rows(case.dtype))
-    if case.has_residual:
-        res_dtype = torch.float32 if case.residual_in_fp32 and case.dtype != torch.float64 else case.dtype
-        inputs["residual"] = rows(res_dtype)
-    if case.has_weight:
-        inputs["weight"] = (1.0 + 0.2 * rand(n)).to(pdt)
-    if case.has_bias and not case.is_rms:
+    if v.has_residual:
+        inputs["residual"] = rows(v.residual_dtype(case.dtype))
+    if v.has_weight:
+        inputs["weight"] = (1.0 - case.weight_offset + 0.2 * rand(n)).to(pdt)
+    if v.has_bias:
         inputs["bias"] = (0.2 * rand(n)).to(pdt)
-    if case.residual_kind == "float":
-        inputs["residual_scale"] = 0.75
-    elif case.residual_kind == "scalar":
+    if v.scale_kind == ScaleKind.CONSTANT:
+        inputs["residual_scale"] = CONSTANT_SCALE
+    elif v.scale_kind == ScaleKind.SCALAR:
         inputs["residual_scale"] = (1.0 + 0.3 * rand(())).abs().to(pdt)
-    elif case.residual_kind == "vector":
+    elif v.scale_kind == ScaleKind.VECTOR:
         inputs["residual_scale"] = (1.0 + 0.3 * rand(n)).to(pdt)
     inputs["dy"] = rand(*case.shape)
-    if case.prenorm:
+    if v.prenorm:
         inputs["dh"] = rand(*case.shape)
     return inputs
 
@@ -135,52 +216,56 @@ def peek_dropout_mask(device, rows: int, cols: int, p: float) -> torch.Tensor:
     return dropout_keep_mask(seed, rows, cols, p)
 
 
-def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.dtype | None,
-              magnitudes: dict | None = None):
-    """Outputs and gradients by autograd of the plain formulas.
+def reference_outputs(case: Case, inputs: dict, mask: torch.Tensor | None, magnitudes: dict | None = None) -> dict:
+    """The oracle: outputs and gradients by float64 autograd of the formulas, written out one by one.
+    ``magnitudes``, when given, receives the sum magnitudes of the row-summed gradients."""
+    return _composed(case, inputs, mask, torch.float64, magnitudes)
 
-    dtype=torch.float64: the oracle, written out formula by formula.
-    dtype=None: PyTorch's own computation in the input dtypes (F.layer_norm / F.rms_norm).
-    """
+
+def torch_outputs(case: Case, inputs: dict, mask: torch.Tensor | None) -> dict:
+    """PyTorch's own computation in the input dtypes (F.layer_norm / F.rms_norm, parameters in x's dtype)."""
+    return _composed(case, inputs, mask, None)
+
+
+def _composed(case: Case, inputs: dict, mask: torch.Tensor | None, dtype: torch.dtype | None,
+              magnitudes: dict | None = None) -> dict:
+    v = case.variant
     leaves = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor) and k not in ("dy", "dh"):
-            t = v.detach().to(dtype if dtype is not None else v.dtype)
+    for k, value in inputs.items():
+        if isinstance(value, torch.Tensor) and k not in ("dy", "dh"):
+            t = value.detach().to(dtype if dtype is not None else value.dtype)
             if dtype is None and k in ("weight", "bias", "residual_scale"):
                 t = t.to(case.dtype)  # torch's own: parameters in the input dtype
             leaves[k] = t.requires_grad_(True)
     x = leaves["x"]
-    xd = x
-    if mask is not None:
-        xd = x * mask.view(x.shape).to(x.dtype) / (1.0 - case.dropout_p)
-    h = xd
-    if case.has_residual:
+    h = x if mask is None else x * mask.view(x.shape).to(x.dtype) / (1.0 - case.dropout_p)
+    if v.has_residual:
         s = leaves.get("residual_scale", inputs.get("residual_scale", 1.0))
-        h = leaves["residual"] * s + xd
+        h = leaves["residual"] * s + h
     n = case.shape[-1]
     w, b = leaves.get("weight"), leaves.get("bias")
     # eps=None: the epsilon of the dtype torch computes in (as torch.nn.RMSNorm does).
     eps = case.eps if case.eps is not None else torch.finfo(torch.promote_types(case.dtype, torch.float32)).eps
     if dtype is None:
-        y = (F.rms_norm(h, (n,), w.to(h.dtype) if w is not None else None, eps) if case.is_rms
-             else F.layer_norm(h, (n,), w.to(h.dtype) if w is not None else None,
-                               b.to(h.dtype) if b is not None else None, eps))
+        w = w.to(h.dtype) + case.weight_offset if w is not None else None
+        b = b.to(h.dtype) if b is not None else None
+        y = F.rms_norm(h, (n,), w, eps) if v.is_rms else F.layer_norm(h, (n,), w, b, eps)
         y = y.to(case.dtype)
     else:
-        if case.is_rms:
+        if v.is_rms:
             xhat = h / torch.sqrt((h * h).mean(-1, keepdim=True) + eps)
         else:
             mu = h.mean(-1, keepdim=True)
             xhat = (h - mu) / torch.sqrt(((h - mu) ** 2).mean(-1, keepdim=True) + eps)
-        y = xhat * w if w is not None else xhat
+        y = xhat * (w + case.weight_offset) if w is not None else xhat
         y = y + b if b is not None else y
     loss = (y.double() * inputs["dy"].double()).sum()
-    if case.prenorm:
+    if v.prenorm:
         loss = loss + (h.double() * inputs["dh"].double()).sum()
     names = list(leaves)
     *grads, dh = torch.autograd.grad(loss, [leaves[k] for k in names] + [h], allow_unused=True)
     out = {"y": y.detach()}
-    if case.prenorm:
+    if v.prenorm:
         out["h"] = h.detach()
     if magnitudes is not None and dtype is not None:
         magnitudes.update(_sum_magnitudes(case, inputs, xhat.detach(), dh, leaves))
@@ -197,31 +282,18 @@ def _sum_magnitudes(case: Case, inputs: dict, xhat, dh, leaves) -> dict:
     """
     dy = inputs["dy"].double().abs().reshape(-1, case.shape[-1])
     magnitude = {"dweight": (dy * xhat.abs().reshape(dy.shape)).sum(0), "dbias": dy.sum(0)}
-    if case.residual_kind in ("scalar", "vector"):
+    if case.variant.learned_scale:
         terms = (dh.abs() * leaves["residual"].detach().abs()).reshape(dy.shape).sum(0)
-        magnitude["dresidual_scale"] = terms if case.residual_kind == "vector" else terms.sum()
+        magnitude["dresidual_scale"] = terms if case.variant.scale_kind == ScaleKind.VECTOR else terms.sum()
     return magnitude
 
 
-def run_fused(case: Case, inputs: dict, backend: str | None):
+def run_fused(case: Case, inputs: dict, backend: str | None) -> dict:
     """Outputs and gradients of the public fusednorm function for ``case``."""
-    import fusednorm
-
     leaves = {k: (v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v)
               for k, v in inputs.items() if k not in ("dy", "dh")}
-    x, w = leaves["x"], leaves.get("weight")
-    if case.op == "layer_norm":
-        out = fusednorm.layer_norm(x, w, leaves.get("bias"), case.eps, backend=backend)
-    elif case.op == "rms_norm":
-        out = fusednorm.rms_norm(x, w, case.eps, backend=backend)
-    else:
-        kwargs = dict(residual_scale=leaves.get("residual_scale"), dropout_p=case.dropout_p, prenorm=case.prenorm,
-                      residual_in_fp32=case.residual_in_fp32, backend=backend)
-        if case.op == "add_layer_norm":
-            out = fusednorm.add_layer_norm(x, leaves.get("residual"), w, leaves.get("bias"), case.eps, **kwargs)
-        else:
-            out = fusednorm.add_rms_norm(x, leaves.get("residual"), w, case.eps, **kwargs)
-    y, h = out if case.prenorm else (out, None)
+    out = case.call(leaves, backend)
+    y, h = out if case.variant.prenorm else (out, None)
     loss = (y.double() * inputs["dy"].double()).sum()
     if h is not None:
         loss = loss + (h.double() * inputs["dh"].double()).sum()
@@ -266,87 +338,61 @@ def compare(case: Case, output: str, fused: torch.Tensor | None, reference: torc
     return Comparison(case, output, maxerr(f), maxerr(own), atol, nonfinite_match)
 
 
-def check_case(case: Case, backend: str | None, device="cpu", seed: int = 0,
-               extra_atol: float = 0.0) -> list[Comparison]:
-    """Run ``case`` on ``backend`` with fresh inputs; one Comparison per output and gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    inputs = make_inputs(case, device, gen)
-    rows = math.prod(case.shape[:-1])
-    mask = None
+def check_case(case: Case, backend: str | None, device="cpu", seed: int = 0, extra_atol: float = 0.0,
+               row_sums: str = "terms") -> list[Comparison]:
+    """Run ``case`` on ``backend`` with fresh inputs; one Comparison per output and gradient.
+
+    row_sums: the atol of the gradients summed over rows (dweight, dbias, dresidual_scale). "terms": relative
+    to the sum of |terms| (``compare``), and at N <= 3 8 ATOL more for ds: a row whose h nearly cancels has
+    dh = rstd * g * (1 - xhat^2) ~ noise (N = 1), summed by ds, ours and torch's alike. "dot_product" (the
+    random shapes and seeds of tests/test_reliability.py): relative to max(1, |ref|), and a 0-d scale's ds,
+    which cancels (|ds| ~1e-3 of sum |dh * residual|: the 2x ratio of two random walks fails 3-13 % of
+    float32 seeds), gets 4 u sum |dh * residual| (u: the compute dtype's unit roundoff).
+    """
+    inputs = make_inputs(case, device, torch.Generator().manual_seed(seed))
     torch.manual_seed(seed)
+    mask = None
     if case.dropout_p > 0:
-        mask = peek_dropout_mask(device, rows, case.shape[-1], case.dropout_p)
+        mask = peek_dropout_mask(device, math.prod(case.shape[:-1]), case.shape[-1], case.dropout_p)
     fused = run_fused(case, inputs, backend)
     magnitude: dict = {}
-    reference = _composed(case, inputs, mask, torch.float64, magnitude)
-    own = _composed(case, inputs, mask, None)
-    return [compare(case, k, fused.get(k), reference[k], own[k], extra_atol, magnitude.get(k)) for k in reference]
+    reference = reference_outputs(case, inputs, mask, magnitude)
+    own = torch_outputs(case, inputs, mask)
+    results = []
+    for k in reference:
+        extra = extra_atol
+        if k == "dresidual_scale" and row_sums == "terms" and case.shape[-1] <= 3:
+            extra += 8 * ATOL[case.dtype]
+        if k == "dresidual_scale" and row_sums == "dot_product" and case.variant.scale_kind == ScaleKind.SCALAR:
+            u = torch.finfo(torch.float64 if case.dtype == torch.float64 else torch.float32).eps / 2
+            terms = (reference["dresidual"].double() * inputs["residual"].double()).abs().sum()
+            terms /= abs(float(inputs["residual_scale"]))
+            extra += 4 * u * float(terms) / max(1.0, float(reference[k].abs()))  # compare() scales atol by that
+        sums = magnitude.get(k) if row_sums == "terms" else None
+        results.append(compare(case, k, fused.get(k), reference[k], own[k], extra, sums))
+    return results
 
 
-def standard_cases(dtypes=(torch.float32, torch.float16, torch.bfloat16), widths=(1, 7, 256, 1000),
-                   lead=((4,),)) -> Iterator[Case]:
-    """The matrix that ``python -m fusednorm.check`` runs: every op and variant, per dtype and width."""
-    for dtype in dtypes:
-        param_dtypes = (None,) if dtype == torch.float32 else (None, torch.float32)
-        for n in widths:
-            for lead_shape in lead:
-                shape = (*lead_shape, n)
-                for pdt in param_dtypes:
-                    yield Case("layer_norm", shape, dtype, pdt)
-                    yield Case("rms_norm", shape, dtype, pdt, eps=1e-6)
-                    for op in ("add_layer_norm", "add_rms_norm"):
-                        for kind in RESIDUAL_KINDS[1:]:
-                            for prenorm, res32 in ((False, False), (True, False), (True, True)):
-                                yield Case(op, shape, dtype, pdt, kind, prenorm, res32)
-                        yield Case(op, shape, dtype, pdt, "vector", False, False, dropout_p=0.25)
-                        yield Case(op, shape, dtype, pdt, "plain", True, False, dropout_p=0.25)
+def interpreter_allowance(backend: str, case: Case, device) -> float:
+    """The extra atol (relative, like ATOL) of interpreted Triton: the interpreter truncates float32 ->
+    bfloat16 instead of rounding, one more bf16 ulp. Nothing else is loosened."""
+    if backend == "triton" and torch.device(device).type == "cpu" and case.dtype == torch.bfloat16:
+        return 2.0**-7
+    return 0.0
 
 
-# float64 gradcheck cases shared by every backend's tests: each residual-scale kind, prenorm (so a
-# gradient flows into h too) and dropout (the seed is re-drawn identically at every evaluation).
-GRADCHECK_CASES = (
-    ("layer_norm", {}),
-    ("rms_norm", {}),
-    ("add_layer_norm", {"residual_scale": None}),
-    ("add_layer_norm", {"residual_scale": "vector", "prenorm": True, "dropout_p": 0.25}),
-    ("add_layer_norm", {"residual_scale": "scalar"}),
-    ("add_layer_norm", {"residual_scale": 0.6, "dropout_p": 0.25}),
-    ("add_rms_norm", {"residual_scale": "vector"}),
-    ("add_rms_norm", {"residual_scale": "scalar", "prenorm": True, "dropout_p": 0.25}),
-    ("add_rms_norm", {"residual_scale": None, "prenorm": True, "residual_in_fp32": True}),
-)
+def gradcheck_case(case: Case, backend: str, device="cpu", fast_mode: bool = False) -> bool:
+    """torch.autograd.gradcheck of the case's public function in float64 (``case.dtype`` must be float64),
+    every tensor argument a leaf. fast_mode=True checks random projections instead of one finite difference
+    per element (for slow backends: the interpreter). The dropout mask is the same at every evaluation."""
+    assert case.dtype == torch.float64, case.name()
+    inputs = make_inputs(case, device, torch.Generator().manual_seed(1))
+    names = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and k not in ("dy", "dh")]
+    constants = {k: v for k, v in inputs.items() if k not in names}
 
+    def fn(*tensors):
+        torch.manual_seed(0)
+        return case.call(dict(zip(names, tensors, strict=True)) | constants, backend)
 
-def gradcheck_op(op: str, options: dict, backend: str, shape: tuple[int, ...] = (3, 6), device="cpu",
-                 fast_mode: bool = False) -> bool:
-    """torch.autograd.gradcheck of a public function in float64, every tensor argument a leaf.
-
-    options: the keyword options of the add_* functions, with residual_scale = None | float |
-    "scalar" (a learned 0-d tensor) | "vector" (a learned (N,) tensor). fast_mode=True checks random
-    projections instead of one finite difference per element (for slow backends: the interpreter).
-    Inputs get a +1 offset so that the row mean is not ~0.
-    """
-    gen = torch.Generator().manual_seed(1)
-    n = shape[-1]
-
-    def leaf(*s):
-        return (torch.randn(s, generator=gen, dtype=torch.float64) + 1.0).to(device).requires_grad_(True)
-
-    x, residual, weight, bias = leaf(*shape), leaf(*shape), leaf(n), leaf(n)
-    kind = options.get("residual_scale")
-    scale = leaf(n) if kind == "vector" else leaf() if kind == "scalar" else None
-    opts = {k: v for k, v in options.items() if k != "residual_scale"}
-
-    def fn(x, residual, weight, bias, scale):
-        torch.manual_seed(0)  # the same dropout mask at every evaluation
-        if op == "layer_norm":
-            return fusednorm.layer_norm(x, weight, bias, backend=backend)
-        if op == "rms_norm":
-            return fusednorm.rms_norm(x, weight, backend=backend)
-        s = scale if scale is not None else kind
-        if op == "add_layer_norm":
-            return fusednorm.add_layer_norm(x, residual, weight, bias, residual_scale=s, backend=backend, **opts)
-        return fusednorm.add_rms_norm(x, residual, weight, residual_scale=s, backend=backend, **opts)
-
-    return torch.autograd.gradcheck(fn, (x, residual, weight, bias, scale), eps=1e-6, atol=1e-7, rtol=1e-5,
-                                    nondet_tol=0.0, fast_mode=fast_mode)
+    leaves = tuple(inputs[k].detach().requires_grad_(True) for k in names)
+    return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, rtol=1e-5, nondet_tol=0.0, fast_mode=fast_mode)

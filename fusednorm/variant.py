@@ -5,7 +5,7 @@ what the forward stores) applied to tensors of some dtype. Everything that depen
 variant is a property here, written once, and read by every layer: the op layer and the autograd
 Functions (what is saved), every backend (what is stored, read and written), the tests (the variant
 matrix, the byte table), the compile report and the benchmarks. The C++ side mirrors the flag word
-and the derived facts once, in csrc/fusednorm.h; tests/test_variant.py checks that the two agree.
+and the derived facts once, in csrc/fusednorm.h; tests/test_cuda_host.py checks that the two agree.
 
 The math (DESIGN sections 1-2): h = residual * s + dropout(x); y = Norm(h) * weight + bias.
 Adding a flag means: a field here (and its bit in ``FLAG_BITS``), its meaning in the kernels, and its
@@ -39,7 +39,7 @@ class ScaleKind(enum.IntEnum):
 # Bit offsets of the flag word that crosses into C++ (csrc/fusednorm.h: the kFlag* constants).
 # SCALE_KIND takes two bits. Never reuse a bit for another meaning: the word is part of the op schema.
 FLAG_BITS = {"is_rms": 0, "has_residual": 1, "scale_kind": 2, "has_dropout": 4, "prenorm": 5,
-             "residual_f32": 6, "h_f32": 7, "has_weight": 8, "has_bias": 9}
+             "residual_f32": 6, "h_f32": 7, "has_weight": 8, "has_bias": 9, "store_stats": 10}
 _BOOL_FLAGS = tuple(name for name in FLAG_BITS if name != "scale_kind")
 
 
@@ -58,6 +58,9 @@ class Variant:
     h_f32: bool = False  # the stored h is float32 and x is not
     has_weight: bool = True
     has_bias: bool = False
+    # Telemetry (DESIGN section 7): the forward also writes the (M, STATS_COLUMNS) float32 row statistics
+    # of fusednorm.backends.contract. Changes no other output and nothing the backward reads.
+    store_stats: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
@@ -75,7 +78,7 @@ class Variant:
     @classmethod
     def from_call(cls, *, is_rms: bool, x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
                   scale_kind: ScaleKind, dropout_p: float, prenorm: bool, residual_in_fp32: bool,
-                  has_weight: bool, has_bias: bool) -> Variant:
+                  has_weight: bool, has_bias: bool, store_stats: bool = False) -> Variant:
         """The variant of a public call, from its (validated) arguments."""
         has_residual = residual_dtype is not None
         learned = ScaleKind(scale_kind).learned
@@ -88,7 +91,7 @@ class Variant:
         return cls(is_rms=is_rms, has_residual=has_residual, scale_kind=scale_kind, has_dropout=dropout_p > 0.0,
                    prenorm=prenorm, residual_f32=has_residual and residual_dtype == torch.float32 != x_dtype,
                    h_f32=store_h and h_dtype == torch.float32 != x_dtype, has_weight=has_weight,
-                   has_bias=has_bias and not is_rms)
+                   has_bias=has_bias and not is_rms, store_stats=store_stats)
 
     @property
     def flags(self) -> int:
@@ -145,7 +148,8 @@ class Variant:
 
     @property
     def saved(self) -> tuple[str, ...]:
-        """What the forward saves for the backward, by name, in this order (never a dropout mask):
+        """What the forward saves for the backward, by name, in this order (never a dropout mask, nor the
+        row statistics of ``store_stats``):
         h when it is stored, else x (and the residual) to rebuild it; the residual besides h for a
         learned scale in the Pre-LN layout (ds needs it); the parameters the backward reads; the
         per-row float32 statistics; the dropout seed."""
@@ -167,7 +171,8 @@ class Variant:
         """The (M, N) tensors a kernel reads and writes, each once: (reads, writes).
 
         direction: "fwd" or "bwd". has_dh_in (backward): whether a gradient flows into the returned h
-        (default: whenever h is returned). This is DESIGN section 5's byte table, variant by variant.
+        (default: whenever h is returned). This is DESIGN section 5's byte table, variant by variant
+        (``store_stats`` adds only (M,)-sized float32 rows: not an (M, N) tensor).
         """
         if direction == "fwd":
             reads = ("x", "residual") if self.has_residual else ("x",)
@@ -198,17 +203,21 @@ class Variant:
             dtype = self.h_dtype(x_dtype)
         else:
             dtype = x_dtype
-        return torch.empty((), dtype=dtype).element_size()
+        return dtype.itemsize
 
-    # -- the Triton kernels' constexpr flags (fusednorm/triton/kernels.py) -------------------------
+    # -- the Triton kernels' constexpr flags (fusednorm/triton/) -------------------------------------
 
     def triton_forward_flags(self) -> dict:
+        return dict(self._triton_common_flags(), STORE_STATS=self.store_stats)
+
+    def triton_backward_flags(self, has_dh_in: bool) -> dict:
+        # store_stats is a forward-only fact: the backward of a monitored call is the same kernel.
+        return dict(self._triton_common_flags(), HAS_DH_IN=has_dh_in, STORE_DRESIDUAL=self.store_dresidual)
+
+    def _triton_common_flags(self) -> dict:
         return dict(IS_RMS=self.is_rms, HAS_RESIDUAL=self.has_residual, SCALE_KIND=int(self.scale_kind),
                     HAS_DROPOUT=self.has_dropout, STORE_H=self.store_h, HAS_WEIGHT=self.has_weight,
                     HAS_BIAS=self.has_bias)
-
-    def triton_backward_flags(self, has_dh_in: bool) -> dict:
-        return dict(self.triton_forward_flags(), HAS_DH_IN=has_dh_in, STORE_DRESIDUAL=self.store_dresidual)
 
     # -- names -------------------------------------------------------------------------------------
 
@@ -226,12 +235,14 @@ class Variant:
         tags += [tag for tag, on in (("prenorm", self.prenorm), ("dropout", self.has_dropout),
                                      ("residual_f32", self.residual_f32), ("h_f32", self.h_f32),
                                      ("no_weight", not self.has_weight),
-                                     ("no_bias", not self.has_bias and not self.is_rms)) if on]
+                                     ("no_bias", not self.has_bias and not self.is_rms),
+                                     ("stats", self.store_stats)) if on]
         return f"{self.op}[{','.join(tags)}]" if tags else self.op
 
 
 def all_variants() -> Iterator[Variant]:
-    """Every variant a public call can produce (x 16-bit, so the float32 flags are meaningful)."""
+    """Every variant a public call can produce (x 16-bit, so the float32 flags are meaningful), without
+    telemetry: ``store_stats`` can be added to each of them and changes none of their other facts."""
     for is_rms, has_weight, has_bias, has_dropout in itertools.product((False, True), repeat=4):
         if is_rms and has_bias:
             continue

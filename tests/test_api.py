@@ -1,11 +1,13 @@
 """Public API: drop-in Functions, backend choice, dropout reproducibility, shapes, and every misuse."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import fusednorm
 from fusednorm.dropout import dropout_keep_mask
-from fusednorm.testing import Case, check_case, compare, peek_dropout_mask
+from fusednorm.testing import Case, assert_section6, check_case, compare, peek_dropout_mask
 
 N = 8
 
@@ -37,12 +39,38 @@ def test_check_case_catches_a_wrong_backend(monkeypatch):
 
     forward = torch_impl.forward
 
-    def wrong(*args):
-        y, h, mean, rstd = forward(*args)
+    def wrong(variant, args):
+        y, h, mean, rstd = forward(variant, args)
         return y * 1.001, h, mean, rstd
 
     monkeypatch.setattr(torch_impl, "forward", wrong)
     assert not all(r.ok for r in check_case(Case("layer_norm", (4, 64)), "torch"))
+    with pytest.raises(AssertionError, match="y: err"):
+        assert_section6(check_case(Case("layer_norm", (4, 64)), "torch"))
+
+
+def test_section6_assertion_fails_on_a_missing_output():
+    """Every output and gradient of the case must be compared: one left out fails the assertion."""
+    results = check_case(Case("add_rms_norm[vector,prenorm]", (3, 8)), "torch")
+    assert_section6(results)
+    assert {r.output for r in results} == {"y", "h", "dx", "dresidual", "dweight", "dresidual_scale"}
+    with pytest.raises(AssertionError):
+        assert_section6([r for r in results if r.output != "dresidual_scale"])
+    with pytest.raises(AssertionError, match="nothing was compared"):
+        assert_section6([])
+
+
+def test_oracle_applies_weight_offset_from_the_formula(monkeypatch):
+    """weight_offset: the affine weight is weight + weight_offset. A backend that ignores it fails the check
+    (the inputs' stored weight is ~0 with an offset of 1, so the affine weight is ~1 either way)."""
+    case = Case("rms_norm", (4, 16), weight_offset=1.0)
+    assert_section6(check_case(case, "torch"))
+    from fusednorm.backends import torch_impl
+
+    forward, backward = torch_impl.forward, torch_impl.backward
+    monkeypatch.setattr(torch_impl, "forward", lambda v, a: forward(v, dataclasses.replace(a, weight_offset=0.0)))
+    monkeypatch.setattr(torch_impl, "backward", lambda v, a: backward(v, dataclasses.replace(a, weight_offset=0.0)))
+    assert not all(r.ok for r in check_case(case, "torch"))
 
 
 # ---- drop-in Functions and shapes ------------------------------------------------------------------

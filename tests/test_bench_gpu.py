@@ -12,6 +12,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
+from benchmarks import floor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +39,8 @@ def test_gpu_runner_small(tmp_path):
         assert all(0 < r["frac_copy"] < 2 for r in mine)
         assert all(r["peak_mem_bytes"] > 0 for r in mine if r["direction"] == "fwdbwd")
     assert all(r["mem_vs_torch"] == 1.0 for r in rows if r["impl"] == "torch" and r["direction"] == "fwdbwd")
+    # Each figure's floor is its case's Variant's byte count (bf16 here).
+    for r in rows:
+        if r["status"] == "ok":
+            variant = floor.case_by_label(floor.label(r["op"], r["case"])).variant
+            assert r["floor_bytes"] == variant.bytes_per_element(r["direction"], torch.bfloat16) * r["M"] * r["N"]

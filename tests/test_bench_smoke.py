@@ -3,7 +3,8 @@
 Runs ``python -m benchmarks.run --smoke`` in a fresh interpreter (the smoke mode sets
 TRITON_INTERPRET=1 before triton is imported) and checks every output it promises: the banner
 that no figure is claimed, the summary table printed last, CSV, JSON and plots, one row per
-(op, dtype, N, implementation, direction), and missing peers reported rather than skipped.
+(op, dtype, N, implementation, direction), each figure's floor bytes those of its case's Variant, and
+missing peers reported rather than skipped.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ is not installed
 from benchmarks import floor
-from benchmarks.impls import SPECS
+from benchmarks.suite import DTYPES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,8 +41,8 @@ def test_smoke_says_no_figures_and_prints_the_table_last(smoke):
     assert "smoke: CPU, not a performance figure" in stdout
     tail = stdout[stdout.rindex("=" * 100):]
     assert "SMOKE: CPU, NOT A PERFORMANCE FIGURE" in tail
-    for spec in SPECS:
-        assert spec.name in tail
+    for case in floor.CASES:
+        assert case.label in tail
     assert "fraction of copy bandwidth" in tail
 
 
@@ -53,12 +55,12 @@ def test_smoke_writes_csv_json_and_plots(smoke):
         assert meta[key]
     assert meta["versions"]["torch"] and "cuda" in meta["versions"] and "triton" in meta["versions"]
     assert report["copy"]["gbps"] > 0
-    assert len(report["bytes_table"]) == len(floor.BYTES_16BIT)
+    assert len(report["bytes_table"]) == 2 * len(floor.CASES)
     with open(out / "results.csv", newline="") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(report["rows"]) > 0
     assert all("not a performance figure" in r["device"] for r in csv_rows)
-    assert (out / "table.md").read_text().count("## ") >= len(SPECS)
+    assert (out / "table.md").read_text().count("## ") >= len(floor.CASES)
     if importlib.util.find_spec("matplotlib") is not None:
         for dtype in ("bf16", "fp32"):
             assert (out / f"gbps_{dtype}.png").stat().st_size > 1000
@@ -74,12 +76,12 @@ def test_smoke_covers_every_op_impl_and_direction(smoke):
     rows = report["rows"]
     keys = {(r["op"], r["case"], r["dtype"], r["N"], r["impl"], r["direction"]) for r in rows}
     assert len(keys) == len(rows)  # one row per figure
-    for spec in SPECS:
-        dtypes = ("bf16",) if spec.has_residual else ("bf16", "fp32")
+    for case in floor.CASES:
+        dtypes = ("bf16",) if case.variant.has_residual else ("bf16", "fp32")
         for dtype in dtypes:
             for impl in impls:
                 for direction in ("fwd", "bwd", "fwdbwd"):
-                    assert (spec.op, spec.case, dtype, 64, impl, direction) in keys
+                    assert (case.op, case.name, dtype, 64, impl, direction) in keys
     by_impl = {}
     for r in rows:
         by_impl.setdefault(r["impl"], []).append(r)
@@ -100,3 +102,16 @@ def test_smoke_covers_every_op_impl_and_direction(smoke):
             assert all(r["status"].startswith(("missing", "unavailable")) for r in by_impl[name])
     # No CPU run claims a peak-memory figure.
     assert all(r["peak_mem_bytes"] is None for r in rows)
+
+
+def test_smoke_counts_each_figure_with_its_variants_bytes(smoke):
+    out, _ = smoke
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["status"] == "ok"]
+    assert {r["dtype"] for r in rows} == {"bf16", "fp32"}
+    for r in rows:
+        variant = floor.case_by_label(floor.label(r["op"], r["case"])).variant
+        per_element = variant.bytes_per_element(r["direction"], DTYPES[r["dtype"]])
+        assert r["floor_bytes"] == per_element * r["M"] * r["N"], r
+        assert r["gbps"] == pytest.approx(r["floor_bytes"] / (r["time_ms"] * 1e-3) / 1e9)
+        if r["dtype"] == "fp32":  # every counted tensor is float32: twice the 16-bit count
+            assert per_element == 2 * variant.bytes_per_element(r["direction"], torch.bfloat16)

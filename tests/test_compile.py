@@ -25,7 +25,7 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
 import fusednorm
-from fusednorm import testing
+from fusednorm import case_matrix, testing
 
 CPU_BACKENDS = fusednorm.available_backends("cpu")
 # Compile in this process: Inductor's worker pool is of no use for these tiny graphs on 2 cores and
@@ -45,55 +45,34 @@ def _fresh_dynamo():
 
 # --------------------------------------------------------------------------------------- functions
 
-# (residual_kind, prenorm, residual_in_fp32): every code path of what the functional layer saves for the
-# backward (h; x and residual for a learned scale in the Post-LN layout; h and residual in the Pre-LN one)
-# with every scale kind, in both layouts; each op gets them all. Compiling is ~1 s per case on 2 cores.
-_LAYOUTS = (("plain", False, False), ("plain", True, False), ("float", True, True), ("scalar", False, False),
-            ("scalar", True, True), ("vector", False, False), ("vector", True, False))
-
-
 def _function_cases() -> list[testing.Case]:
-    cases = [testing.Case("layer_norm", SHAPE), testing.Case("rms_norm", SHAPE, eps=1e-6),
-             testing.Case("layer_norm", SHAPE, has_weight=False, has_bias=False)]
-    for op in ("add_layer_norm", "add_rms_norm"):
-        for kind, prenorm, res32 in _LAYOUTS:
-            cases.append(testing.Case(op, SHAPE, residual_kind=kind, prenorm=prenorm, residual_in_fp32=res32))
-        cases.append(testing.Case(op, SHAPE, residual_kind="vector", dropout_p=0.25))
-        cases.append(testing.Case(op, SHAPE, residual_kind="plain", prenorm=True, dropout_p=0.25))
-    cases.append(testing.Case("add_layer_norm", SHAPE, torch.bfloat16, torch.float32, "scalar", prenorm=True,
-                              residual_in_fp32=True, dropout_p=0.25))
-    return cases
+    """The plain norms, and every residual scale kind in both layouts (each path of what the functional layer
+    saves: h; x and the residual for a learned scale in the Post-LN layout; h and the residual in the Pre-LN
+    one), default parameters, no dropout; then a covering set of all variants (every flag takes each value:
+    dropout, no weight / bias, float32 residual / h); every other case with weight_offset=1. Compiling is
+    ~1 s per case on 2 cores."""
+    base = [v for v in testing.case_variants() if case_matrix.default_affine(v) and not v.has_dropout
+            and not case_matrix.float32_flags(v) and (v.has_residual or not v.prenorm)]
+    variants = base + [v for v in case_matrix.covering(testing.case_variants()) if v not in base]
+    return [testing.Case(v, SHAPE, *((torch.bfloat16, torch.float32) if case_matrix.float32_flags(v) else ()),
+                         eps=1e-6 if v.is_rms else 1e-5, weight_offset=float(v.has_weight and i % 2))
+            for i, v in enumerate(variants)]
 
 
 FUNCTION_CASES = _function_cases()
 # Interpreted Triton runs every kernel in Python: a few cases that set every kernel flag between them.
-_TRITON_CASES = {"layer_norm[2x3x16 float32]", "add_rms_norm[2x3x16 float32 vector]",
-                 "add_layer_norm[2x3x16 float32 scalar prenorm res_fp32]",
-                 "add_rms_norm[2x3x16 float32 plain prenorm p=0.25]",
-                 "add_layer_norm[2x3x16 bfloat16/float32 params scalar prenorm res_fp32 p=0.25]"}
-BACKEND_CASES = [(c, b) for b in CPU_BACKENDS for c in FUNCTION_CASES if b != "triton" or c.name() in _TRITON_CASES]
+_TRITON_CASES = [c for c in FUNCTION_CASES if c.variant in case_matrix.covering(c.variant for c in FUNCTION_CASES)]
+BACKEND_CASES = [(c, b) for b in CPU_BACKENDS for c in FUNCTION_CASES
+                 if b != "triton" or torch.cuda.is_available() or c in _TRITON_CASES]
 
 
 def _call(case: testing.Case, backend: str):
     """The public function of ``case`` as a function of its tensor inputs (constants closed over)."""
-    kwargs = dict(dropout_p=case.dropout_p, prenorm=case.prenorm, residual_in_fp32=case.residual_in_fp32,
-                  backend=backend)
 
-    def fn(x, residual=None, weight=None, bias=None, residual_scale=None):
-        if case.op == "layer_norm":
-            return fusednorm.layer_norm(x, weight, bias, case.eps, backend=backend)
-        if case.op == "rms_norm":
-            return fusednorm.rms_norm(x, weight, case.eps, backend=backend)
-        scale = 0.75 if case.residual_kind == "float" else residual_scale
-        if case.op == "add_layer_norm":
-            return fusednorm.add_layer_norm(x, residual, weight, bias, case.eps, residual_scale=scale, **kwargs)
-        return fusednorm.add_rms_norm(x, residual, weight, case.eps, residual_scale=scale, **kwargs)
+    def fn(**tensors):
+        return case.call(tensors, backend)
 
     return fn
-
-
-def test_triton_case_names_exist():
-    assert _TRITON_CASES <= {c.name() for c in FUNCTION_CASES}
 
 
 def _tensor_inputs(inputs: dict) -> dict:
@@ -149,7 +128,7 @@ def test_function_compiles_without_graph_breaks_and_equals_eager(case, backend):
 def test_dropout_under_inductor_random_is_checked_by_its_recovered_mask():
     """Inductor's own RNG draws a different seed than eager: check the result against its own mask."""
     p = 0.3
-    case = testing.Case("add_layer_norm", (64, N), residual_kind="vector", prenorm=True, dropout_p=p)
+    case = testing.Case("add_layer_norm[vector,prenorm,dropout]", (64, N), dropout_p=p)
     inputs = testing.make_inputs(case, generator=torch.Generator().manual_seed(0))
     # |x| >= 0.5 everywhere, so that kept and dropped elements are told apart without doubt.
     inputs["x"] = inputs["x"].sign() * (inputs["x"].abs() + 0.5)
@@ -166,11 +145,9 @@ def test_dropout_under_inductor_random_is_checked_by_its_recovered_mask():
         keep = branch.abs() > 0.5 * inputs["x"].abs() / (1 - p)
         assert torch.equal(branch[~keep], torch.zeros_like(branch[~keep])), "dropped elements must be exactly 0"
         masks.append(keep)
-        reference = testing._composed(case, inputs, keep, torch.float64)
-        torch_own = testing._composed(case, inputs, keep, None)
-        for k, ref in reference.items():
-            c = testing.compare(case, k, run[k], ref, torch_own[k])
-            assert c.ok, (k, c.error, c.bound)
+        reference = testing.reference_outputs(case, inputs, keep)
+        torch_own = testing.torch_outputs(case, inputs, keep)
+        testing.assert_section6(testing.compare(case, k, run[k], ref, torch_own[k]) for k, ref in reference.items())
     keep_rate = masks[0].float().mean().item()
     assert abs(keep_rate - (1 - p)) < 4 * math.sqrt(p * (1 - p) / masks[0].numel()), keep_rate
     assert not torch.equal(masks[0], masks[1]), "each call must draw a new seed"
@@ -179,13 +156,13 @@ def test_dropout_under_inductor_random_is_checked_by_its_recovered_mask():
 def test_dynamic_shapes_compile_once():
     """The fake functions work with symbolic row counts: a second batch size does not recompile."""
     counter = CompileCounterWithBackend("inductor")
-    fn = torch.compile(_call(testing.Case("add_rms_norm", SHAPE, residual_kind="vector", prenorm=True), "torch"),
+    fn = torch.compile(_call(testing.Case("add_rms_norm[vector,prenorm]", SHAPE), "torch"),
                        fullgraph=True, dynamic=True, backend=counter)
     compiles = []
     for rows in (5, 9):
         x, r = torch.randn(rows, N, requires_grad=True), torch.randn(rows, N)
         w, s = torch.rand(N, requires_grad=True), torch.rand(N, requires_grad=True)
-        y, h = fn(x, r, w, None, s)
+        y, h = fn(x=x, residual=r, weight=w, residual_scale=s)
         (y.sum() + h.sum()).backward()
         compiles.append(counter.frame_count)
         ref_y, ref_h = fusednorm.add_rms_norm(x, r, w, 1e-5, residual_scale=s, prenorm=True)
@@ -305,7 +282,7 @@ def test_backend_resolution_is_not_traced(monkeypatch):
     import importlib
 
     def interpreted_after_an_import() -> bool:
-        importlib.import_module("fusednorm.backends.common")  # Dynamo refuses to trace import_module
+        importlib.import_module("fusednorm.backends.contract")  # Dynamo refuses to trace import_module
         return True
 
     monkeypatch.setattr(fusednorm.backends, "_triton_interpreted", interpreted_after_an_import)

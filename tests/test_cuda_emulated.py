@@ -1,257 +1,32 @@
-"""The CUDA kernels of csrc/ run on the CPU: their templates compiled as host C++ by
-csrc/emulation/emulate.cpp (threads as std::threads, shared memory, barriers and warp shuffles
-emulated) and checked through the public API against the float64 oracle (DESIGN section 6,
-fusednorm.testing.check_case), plus bit-identical gradients.
+"""The CUDA kernels of csrc/ run on the CPU: their templates compiled as host C++ together with the
+host code the GPU path runs (csrc/host.h), through tests/_cuda_emulation.py, and checked through the
+public API against the float64 oracle (DESIGN section 6, fusednorm.testing.check_case), plus
+bit-identical gradients and weight_offset.
 
 This is how CI without a GPU checks the kernels' logic: indexing, the 128-bit and scalar-tail paths,
 chunked wide rows, the row reductions, the backward's column partials and their fixed-order sum,
-dropout regenerated in the backward, store_h statistics. It does not check what only the device
-compiler and hardware decide (register allocation, FMA contraction, the occupancy-derived grid);
-tests/test_cuda_gpu.py does, on a GPU.
-
-The host side (flags, allocation, alignment test, column sums) is a Python mirror of csrc/ops.cpp.
+dropout regenerated in the backward, store_h statistics; and the host side: the flag word decoded,
+the parameter structs filled, the alignment test, the launch block. It does not check what only the
+device compiler and hardware decide (register allocation, FMA contraction, the occupancy-derived
+grid); tests/test_cuda_gpu.py does, on a GPU.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import itertools
-import os
-import shutil
-import subprocess
-import tempfile
-import types
 
 import pytest
 import torch
+from _cuda_emulation import install_as_cuda
 
 import fusednorm
-from fusednorm import backends
-from fusednorm.backends.common import compute_dtype, dresidual_is_dx
-from fusednorm.dropout import keep_threshold
 from fusednorm.testing import RESIDUAL_KINDS, Case, check_case
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["emulation/emulate.cpp", "fusednorm.h", "philox.h", "device_utils.cuh", "fwd_kernel.cuh", "bwd_kernel.cuh"]
-# The emulated device: 2 SMs, 2 resident blocks each (small grids, several blocks and partial rows).
-NUM_SMS, BLOCKS_PER_SM = 2, 2
-
-
-def _cuda_include() -> str | None:
-    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/usr/local/cuda-13.0"):
-        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
-            return os.path.join(root, "include")
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    for base in (spec.submodule_search_locations if spec else []):
-        path = os.path.join(base, "cu13", "include")
-        if os.path.isfile(os.path.join(path, "cuda_fp16.h")):
-            return path
-    return None
-
-
-def _build() -> ctypes.CDLL:
-    include = _cuda_include()
-    if include is None or shutil.which("g++") is None:
-        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
-    digest = hashlib.sha256(b"".join(open(os.path.join(CSRC, s), "rb").read() for s in SOURCES)).hexdigest()[:16]
-    library = os.path.join(tempfile.gettempdir(), f"fusednorm_emulate_{digest}.so")
-    if not os.path.exists(library):
-        partial = library + f".{os.getpid()}"
-        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", f"-I{include}", "-o", partial,
-                        os.path.join(CSRC, "emulation", "emulate.cpp")], check=True)
-        os.replace(partial, library)
-    return ctypes.CDLL(library)
-
-
-class LaunchConfig(ctypes.Structure):
-    _fields_ = [("threads_per_row", ctypes.c_int), ("rows_per_block", ctypes.c_int),
-                ("groups_per_thread", ctypes.c_int), ("chunk_cols", ctypes.c_int64), ("row_fits", ctypes.c_bool),
-                ("grid", ctypes.c_int64), ("smem_bytes", ctypes.c_int64)]
-
-
-_P, _I64, _F64, _B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_bool
-
-
-class FwdParams(ctypes.Structure):  # csrc/fusednorm.h, field for field
-    _fields_ = ([(n, _P) for n in ("x", "residual", "weight", "bias", "residual_scale", "seed", "y", "h", "mean",
-                                   "rstd")]
-                + [(n, _I64) for n in ("rows", "cols", "x_row_stride", "residual_row_stride")]
-                + [(n, _F64) for n in ("eps", "scale_value", "dropout_scale")] + [("keep_threshold", ctypes.c_uint32)]
-                + [(n, _B) for n in ("is_rms", "has_residual", "has_dropout", "store_h", "has_weight", "has_bias")]
-                + [("scale_kind", ctypes.c_int)]
-                + [(n, _B) for n in ("residual_f32", "h_f32", "weight_f32", "bias_f32", "scale_f32", "vectorized")]
-                + [("launch", LaunchConfig), ("num_sms", ctypes.c_int)])
-
-
-class BwdParams(ctypes.Structure):
-    _fields_ = ([(n, _P) for n in ("dy", "dh_in", "x", "residual", "h", "weight", "residual_scale", "mean", "rstd",
-                                   "seed", "dx", "dresidual", "dweight_partial", "dbias_partial", "dscale_partial")]
-                + [(n, _I64) for n in ("rows", "cols", "dy_row_stride", "dh_in_row_stride", "x_row_stride",
-                                       "residual_row_stride", "h_row_stride")]
-                + [(n, _F64) for n in ("scale_value", "dropout_scale")] + [("keep_threshold", ctypes.c_uint32)]
-                + [(n, _B) for n in ("is_rms", "has_residual", "has_dropout", "read_h", "has_weight", "has_bias",
-                                     "has_dh_in", "store_dresidual")]
-                + [("scale_kind", ctypes.c_int)]
-                + [(n, _B) for n in ("residual_f32", "h_f32", "dh_in_f32", "weight_f32", "scale_f32", "vectorized")]
-                + [("launch", LaunchConfig), ("num_sms", ctypes.c_int)])
-
-
-CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-NONE, CONSTANT, SCALAR, VECTOR = 0, 1, 2, 3
-
-
-def _ptr(t):
-    return t.data_ptr() if t is not None else None
-
-
-def _aligned(t, row_stride: int, group: int) -> bool:
-    return t is None or (t.data_ptr() % (t.element_size() * group) == 0 and row_stride % group == 0)
-
-
-def _scale_kind(has_residual, residual_scale, scale_value):
-    if not has_residual:
-        return NONE
-    if residual_scale is not None:
-        return SCALAR if residual_scale.dim() == 0 else VECTOR
-    return CONSTANT if scale_value != 1.0 else NONE
-
-
-def _f32(t):
-    return t is not None and t.dtype == torch.float32
-
-
-class Emulated:
-    """A backend module (forward/backward with the contract's signatures) over the emulated kernels."""
-
-    def __init__(self, lib: ctypes.CDLL):
-        self.lib = lib
-        c_int = ctypes.c_int
-        lib.fusednorm_emu_fwd.argtypes = [c_int, ctypes.POINTER(FwdParams), c_int, c_int]
-        lib.fusednorm_emu_bwd_configure.argtypes = [c_int, ctypes.POINTER(BwdParams), c_int, c_int, c_int]
-        lib.fusednorm_emu_bwd_configure.restype = c_int
-        lib.fusednorm_emu_bwd.argtypes = [c_int, ctypes.POINTER(BwdParams)]
-        lib.fusednorm_emu_column_sum.argtypes = [c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                                 ctypes.c_void_p]
-        lib.fusednorm_emu_sizeof_fwd_params.restype = ctypes.c_size_t
-        lib.fusednorm_emu_sizeof_bwd_params.restype = ctypes.c_size_t
-        assert lib.fusednorm_emu_sizeof_fwd_params() == ctypes.sizeof(FwdParams)
-        assert lib.fusednorm_emu_sizeof_bwd_params() == ctypes.sizeof(BwdParams)
-
-    def forward(self, x, residual, weight, bias, residual_scale, scale_value, eps, dropout_p, seed, is_rms, store_h,
-                h_dtype):
-        rows, cols = x.shape
-        cd = compute_dtype(x.dtype)
-        y = torch.empty(rows, cols, dtype=x.dtype)
-        h = torch.empty((rows, cols) if store_h else (0,), dtype=h_dtype)
-        mean = torch.empty(0 if is_rms else rows, dtype=cd)
-        rstd = torch.empty(rows, dtype=cd)
-        if rows == 0:
-            return y, h, mean, rstd
-        group = 16 // x.element_size()
-        p = FwdParams(x=_ptr(x), residual=_ptr(residual), weight=_ptr(weight), bias=_ptr(bias),
-                      residual_scale=_ptr(residual_scale), seed=_ptr(seed) if dropout_p > 0 else None, y=_ptr(y),
-                      h=_ptr(h) if store_h else None, mean=None if is_rms else _ptr(mean), rstd=_ptr(rstd),
-                      rows=rows, cols=cols, x_row_stride=x.stride(0),
-                      residual_row_stride=residual.stride(0) if residual is not None else 0, eps=eps,
-                      scale_value=scale_value, dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-                      keep_threshold=keep_threshold(dropout_p) if dropout_p > 0 else 0, is_rms=is_rms,
-                      has_residual=residual is not None, has_dropout=dropout_p > 0, store_h=store_h,
-                      has_weight=weight is not None, has_bias=bias is not None,
-                      scale_kind=_scale_kind(residual is not None, residual_scale, scale_value),
-                      residual_f32=_f32(residual), h_f32=h_dtype == torch.float32, weight_f32=_f32(weight),
-                      bias_f32=_f32(bias), scale_f32=_f32(residual_scale))
-        p.vectorized = (_aligned(x, x.stride(0), group)
-                        and _aligned(residual, residual.stride(0) if residual is not None else 0, group)
-                        and _aligned(weight, 0, group) and _aligned(bias, 0, group)
-                        and (p.scale_kind != VECTOR or _aligned(residual_scale, 0, group))
-                        and _aligned(y, cols, group) and (not store_h or _aligned(h, cols, group)))
-        self.lib.fusednorm_emu_fwd(CODE[x.dtype], ctypes.byref(p), NUM_SMS, BLOCKS_PER_SM)
-        return y, h, mean, rstd
-
-    def _column_sums(self, partial, out):
-        cd = partial.dtype
-        sums = torch.empty(partial.shape[1], dtype=cd)
-        self.lib.fusednorm_emu_column_sum(int(cd == torch.float64), _ptr(partial), partial.shape[0], partial.shape[1],
-                                          _ptr(sums))
-        if out.dim() == 0:
-            total = torch.empty(1, dtype=cd)
-            self.lib.fusednorm_emu_column_sum(int(cd == torch.float64), _ptr(sums), sums.shape[0], 1, _ptr(total))
-            sums = total.reshape(())
-        out.copy_(sums)
-
-    def backward(self, dy, dh_in, x, residual, h, weight, bias_dtype, residual_scale, scale_value, mean, rstd,
-                 dropout_p, seed, is_rms, x_dtype, residual_dtype):
-        rows, cols = dy.shape
-        cd = compute_dtype(x_dtype)
-        store_dresidual = residual_dtype is not None and not dresidual_is_dx(residual_scale, scale_value, dropout_p,
-                                                                             x_dtype, residual_dtype)
-        dx = torch.empty(rows, cols, dtype=x_dtype)
-        dresidual = torch.empty(rows, cols, dtype=residual_dtype) if store_dresidual else dy.new_empty((0,))
-        dweight = torch.zeros(cols, dtype=weight.dtype) if weight is not None else dy.new_empty((0,))
-        dbias = torch.zeros(cols, dtype=bias_dtype) if bias_dtype is not None else dy.new_empty((0,))
-        dscale = torch.zeros_like(residual_scale) if residual_scale is not None else dy.new_empty((0,))
-        if rows == 0:
-            return dx, dresidual, dweight, dbias, dscale
-        has_residual = residual_dtype is not None
-        kind = _scale_kind(has_residual, residual_scale, scale_value)
-        learned = kind in (SCALAR, VECTOR)
-        group = 16 // dy.element_size()
-        p = BwdParams(dy=_ptr(dy), dh_in=_ptr(dh_in), x=_ptr(x), residual=_ptr(residual), h=_ptr(h),
-                      weight=_ptr(weight), residual_scale=_ptr(residual_scale), mean=None if is_rms else _ptr(mean),
-                      rstd=_ptr(rstd), seed=_ptr(seed) if dropout_p > 0 else None, dx=_ptr(dx),
-                      dresidual=_ptr(dresidual) if store_dresidual else None, rows=rows, cols=cols,
-                      dy_row_stride=dy.stride(0), dh_in_row_stride=dh_in.stride(0) if dh_in is not None else 0,
-                      x_row_stride=x.stride(0) if x is not None else 0,
-                      residual_row_stride=residual.stride(0) if residual is not None else 0,
-                      h_row_stride=h.stride(0) if h is not None else 0, scale_value=scale_value,
-                      dropout_scale=1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0,
-                      keep_threshold=keep_threshold(dropout_p) if dropout_p > 0 else 0, is_rms=is_rms,
-                      has_residual=has_residual, has_dropout=dropout_p > 0, read_h=h is not None,
-                      has_weight=weight is not None, has_bias=bias_dtype is not None, has_dh_in=dh_in is not None,
-                      store_dresidual=store_dresidual, scale_kind=kind,
-                      residual_f32=residual_dtype == torch.float32, h_f32=_f32(h), dh_in_f32=_f32(dh_in),
-                      weight_f32=_f32(weight), scale_f32=_f32(residual_scale))
-        p.vectorized = (_aligned(dy, dy.stride(0), group) and _aligned(x, p.x_row_stride, group)
-                        and _aligned(h, p.h_row_stride, group) and _aligned(dh_in, p.dh_in_row_stride, group)
-                        and _aligned(residual, p.residual_row_stride, group) and _aligned(weight, 0, group)
-                        and (kind != VECTOR or _aligned(residual_scale, 0, group)) and _aligned(dx, cols, group)
-                        and (not store_dresidual or _aligned(dresidual, cols, group)))
-        slots = int(weight is not None) + int(bias_dtype is not None) + int(learned)
-        partial_rows = self.lib.fusednorm_emu_bwd_configure(CODE[x_dtype], ctypes.byref(p), NUM_SMS, BLOCKS_PER_SM,
-                                                            slots)
-        # NaN-filled: a partial cell the kernel forgets to write poisons the gradient.
-        partials = {name: torch.full((partial_rows, cols), float("nan"), dtype=cd)
-                    for name, needed in (("dweight", weight is not None), ("dbias", bias_dtype is not None),
-                                         ("dscale", learned)) if needed}
-        p.dweight_partial = _ptr(partials.get("dweight"))
-        p.dbias_partial = _ptr(partials.get("dbias"))
-        p.dscale_partial = _ptr(partials.get("dscale"))
-        self.lib.fusednorm_emu_bwd(CODE[x_dtype], ctypes.byref(p))
-        for name, out in (("dweight", dweight), ("dbias", dbias), ("dscale", dscale)):
-            if name in partials:
-                self._column_sums(partials[name], out)
-        return dx, dresidual, dweight, dbias, dscale
-
-
-@pytest.fixture(scope="module")
-def emulated():
-    return Emulated(_build())
 
 
 @pytest.fixture
-def as_cuda_backend(emulated, monkeypatch):
+def as_cuda_backend(monkeypatch):
     """backend="cuda" runs the emulated kernels on CPU tensors for the duration of a test."""
-    real_implementation, real_why = backends.implementation, backends._why_unavailable
-    module = types.SimpleNamespace(forward=emulated.forward, backward=emulated.backward)
-    monkeypatch.setattr(backends, "implementation",
-                        lambda name: module if name == "cuda" else real_implementation(name))
-    monkeypatch.setattr(backends, "_why_unavailable",
-                        lambda name, device: None if name == "cuda" else real_why(name, device))
-    return emulated
+    return install_as_cuda(monkeypatch)
 
 
 def _assert_section6(case: Case, seed: int) -> None:
@@ -329,3 +104,63 @@ def test_emulated_nonfinite_value_at_a_dropped_position_poisons_its_row(op, as_c
     import test_reliability  # the same check as for the other backends (a module attribute: not collected)
 
     test_reliability.test_nonfinite_value_at_a_dropped_position_still_poisons_its_row("cuda", op, float("nan"))
+
+
+def _norm_float64(op: str, x, weight, bias, weight_offset: float, eps: float):
+    """A tiny float64 reference: y = Norm(x) * (weight + weight_offset) + bias."""
+    if op == "rms_norm":
+        xhat = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+    else:
+        centered = x - x.mean(-1, keepdim=True)
+        xhat = centered * torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    y = xhat * (weight + weight_offset)
+    return y + bias if bias is not None else y
+
+
+@pytest.mark.parametrize("op, shape, dtype, param_dtype, weight_offset", [
+    ("layer_norm", (5, 37), torch.float32, torch.float32, 1.0),  # scalar tail path, Gemma's (1 + w)
+    ("rms_norm", (4, 1024), torch.bfloat16, torch.float32, -0.75),  # 128-bit path, float32 weight
+])
+def test_emulated_weight_offset_matches_float64_reference(op, shape, dtype, param_dtype, weight_offset,
+                                                          as_cuda_backend):
+    """The affine weight is (weight + weight_offset) in y and in g = dy * (weight + weight_offset) (so in
+    dx); dweight stays sum(dy * xhat). Section-6 bounds against a float64 reference, with torch's own
+    error measured on F.layer_norm / F.rms_norm given the offset weight in the input dtype. The weights
+    are small (Gemma's zero-centred w), so a kernel that drops the offset is off by ~|offset| in y."""
+    from fusednorm.testing import compare
+
+    gen = torch.Generator().manual_seed(11)
+    m, n = shape
+    eps = 1e-5
+    inputs = dict(x=(torch.randn(m, n, generator=gen) + 2).to(dtype),
+                  weight=(0.2 * torch.randn(n, generator=gen)).to(param_dtype))
+    if op == "layer_norm":
+        inputs["bias"] = (0.2 * torch.randn(n, generator=gen)).to(param_dtype)
+    dy = torch.randn(m, n, generator=gen).to(dtype)
+
+    def run(kind):
+        leaves = {k: v.detach().to(torch.float64 if kind == "reference" else v.dtype).requires_grad_(True)
+                  for k, v in inputs.items()}
+        x, weight, bias = leaves["x"], leaves["weight"], leaves.get("bias")
+        if kind == "fused":
+            fn = getattr(fusednorm, op)
+            y = fn(x, weight, bias, eps, weight_offset=weight_offset, backend="cuda") if bias is not None \
+                else fn(x, weight, eps, weight_offset=weight_offset, backend="cuda")
+        elif kind == "reference":
+            y = _norm_float64(op, x, weight, bias, weight_offset, eps)
+        else:  # torch's own, in the input dtype
+            w = (weight + weight_offset).to(dtype)
+            y = torch.nn.functional.rms_norm(x, (n,), w, eps) if op == "rms_norm" else \
+                torch.nn.functional.layer_norm(x, (n,), w, bias.to(dtype), eps)
+        y.backward(dy.to(y.dtype))
+        return dict(y=y.detach(), **{"d" + k: v.grad for k, v in leaves.items()})
+
+    fused, reference, own = run("fused"), run("reference"), run("torch_own")
+    case = Case(op, shape, dtype, param_dtype)
+    results = [compare(case, k, fused[k], reference[k], own[k]) for k in reference]
+    failures = [f"{r.output}: err {r.error:.3g} > bound {r.bound:.3g}" for r in results if not r.ok]
+    assert not failures, failures
+    # The control: without the offset, y would be far outside the bound.
+    bias64 = inputs["bias"].double() if "bias" in inputs else None
+    without_offset = _norm_float64(op, inputs["x"].double(), inputs["weight"].double(), bias64, 0.0, eps)
+    assert (without_offset - reference["y"]).abs().max() > 10 * max(r.bound for r in results if r.output == "y")

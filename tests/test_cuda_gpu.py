@@ -1,7 +1,7 @@
 """The "cuda" backend (csrc/, built as fusednorm._C) on a GPU: every variant against the float64 oracle
 (DESIGN section 6, fusednorm.testing.check_case), against the triton backend, gradcheck in float64,
-bit-identical gradients, the dropout mask, chunked wide rows, unaligned/strided inputs, NaN rows, M = 0
-and a tensor of more than 2^31 elements.
+bit-identical gradients, the dropout mask, chunked wide rows, unaligned/strided inputs, NaN rows, M = 0,
+a tensor of more than 2^31 elements, weight_offset, and torch.library.opcheck of cuda_fwd / cuda_bwd.
 
 All tests are marked ``gpu`` and skipped without CUDA or without the built extension.
 """
@@ -16,6 +16,7 @@ import torch
 
 import fusednorm
 from fusednorm.testing import GRADCHECK_CASES, RESIDUAL_KINDS, Case, check_case, gradcheck_op
+from fusednorm.variant import ScaleKind, Variant
 
 pytestmark = [
     pytest.mark.gpu,
@@ -177,26 +178,50 @@ def test_cuda_more_than_2_to_the_31_elements():
     assert torch.equal(y[0], torch.zeros_like(y[0]))
 
 
-@pytest.mark.parametrize("store_h, dropout_p", [(False, 0.0), (True, 0.25)])
-def test_cuda_ops_pass_opcheck(store_h, dropout_p):
+@pytest.mark.parametrize("variant", [
+    Variant(has_residual=True, scale_kind=ScaleKind.VECTOR, residual_f32=True, has_bias=True),
+    Variant(has_residual=True, scale_kind=ScaleKind.VECTOR, prenorm=True, residual_f32=True, h_f32=True,
+            has_dropout=True, has_bias=True),
+    Variant(is_rms=True, has_residual=True, prenorm=True, h_f32=True),
+], ids=lambda v: v.name)
+def test_cuda_ops_pass_opcheck(variant):
     """Schema, fake functions and real kernels agree (torch.library.opcheck) for cuda_fwd and cuda_bwd."""
-    from fusednorm.dropout import draw_seed, keep_threshold
+    from fusednorm.dropout import draw_seed
 
     m, n = 6, 520
     x = torch.randn(m, n, device=DEVICE, dtype=torch.bfloat16)
-    residual = torch.randn(m, n, device=DEVICE, dtype=torch.float32)
+    residual = torch.randn(m, n, device=DEVICE, dtype=variant.residual_dtype(torch.bfloat16))
     weight = torch.randn(n, device=DEVICE)
-    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16)
-    scale = torch.rand(n, device=DEVICE)
-    seed = draw_seed(DEVICE) if dropout_p else None
-    threshold = keep_threshold(dropout_p) if dropout_p else 0
-    fwd_args = (x, residual, weight, bias, scale, 1.0, 1e-5, dropout_p, threshold, seed, False, store_h, torch.float32)
+    bias = torch.randn(n, device=DEVICE, dtype=torch.bfloat16) if variant.has_bias else None
+    scale = torch.rand(n, device=DEVICE) if variant.learned_scale else None
+    seed = draw_seed(DEVICE) if variant.has_dropout else None
+    dropout_p = 0.25 if variant.has_dropout else 0.0
+    fwd_args = (x, residual, weight, bias, scale, seed, variant.flags, 1e-5, 1.0, dropout_p, 0.5)
     torch.library.opcheck(torch.ops.fusednorm.cuda_fwd.default, fwd_args)
     y, h, mean, rstd = torch.ops.fusednorm.cuda_fwd(*fwd_args)
-    bwd_args = (torch.randn_like(y), h if store_h else None, x, residual, h if store_h else None, weight,
-                torch.bfloat16, scale, 1.0, mean, rstd, dropout_p, threshold, seed, False, torch.bfloat16,
-                torch.float32, True)
+    bwd_args = (torch.randn_like(y), torch.randn_like(h) if variant.prenorm else None,
+                None if variant.store_h else x, residual, h if variant.store_h else None, weight, scale, mean, rstd,
+                seed, variant.flags, 1.0, dropout_p, 0.5, bias.dtype if bias is not None else None)
     torch.library.opcheck(torch.ops.fusednorm.cuda_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_rms_norm"])
+def test_cuda_weight_offset_agrees_with_torch_backend(op):
+    """The affine weight is (weight + weight_offset) in y and in dx; dweight is sum(dy * xhat)."""
+    def run(backend):
+        gen = torch.Generator().manual_seed(3)
+        x = torch.randn(16, 777, generator=gen).to(DEVICE).requires_grad_(True)
+        residual = torch.randn(16, 777, generator=gen).to(DEVICE).requires_grad_(True)
+        weight = (0.1 * torch.randn(777, generator=gen)).to(DEVICE).requires_grad_(True)
+        if op == "layer_norm":
+            y = fusednorm.layer_norm(x, weight, None, weight_offset=1.0, backend=backend)
+        else:
+            y = fusednorm.add_rms_norm(x, residual, weight, weight_offset=1.0, backend=backend)
+        y.backward(torch.randn(16, 777, generator=gen).to(DEVICE))
+        return [y.detach(), x.grad, weight.grad] + ([residual.grad] if op != "layer_norm" else [])
+
+    for a, b in zip(run("cuda"), run("torch"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_cuda_backend_under_torch_compile_fullgraph():

@@ -1,21 +1,27 @@
-"""replace_norms on whole torch models: torch.nn.TransformerEncoder, Post-LN and Pre-LN.
+"""replace_norms on whole torch models (torch.nn.TransformerEncoder, Post-LN and Pre-LN), what it leaves
+alone and what it reports; the warnings of admin_init / deepnorm_init_ when they find nothing to act on.
 
 The replaced model must give the original model's outputs and gradients within the DESIGN section-6
 bound: against a float64 copy of the model, its error is at most twice the original float32 model's
 error plus a small atol. And it must really run fusednorm (torch's encoder has a fused "fast path"
-that bypasses the norm modules in inference; a hook on every replaced norm proves they ran).
+that bypasses the norm modules in inference: replace_norms disables it for the layers it touched).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import logging
+import warnings
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusednorm
 from fusednorm import testing
+from fusednorm.integrations.report import PatchReport
 
 D_MODEL = 16
 
@@ -111,74 +117,121 @@ def test_replaced_encoder_trains_with_an_optimizer_built_before():
     assert not torch.equal(norm.weight, before)
 
 
-# ------------------------------------------------------------- HF-style RMSNorm classes, matched by behaviour
+class OpCounter(TorchDispatchMode):
+    """Counts the aten / fusednorm ops that run (by name), and aten.add on tensors of one given shape."""
 
-class _LlamaStyleRMSNorm(nn.Module):
-    """The three output-dtype conventions of HF's RMSNorm classes, written out as HF writes them (so that
-    these tests need no transformers): "promote" (LlamaRMSNorm), "input" (Olmo2RMSNorm), "weight"
-    (T5LayerNorm)."""
+    def __init__(self, add_shape: tuple[int, ...] | None = None):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.adds = 0
+        self.add_shape = add_shape
 
-    def __init__(self, n: int, rule: str, eps: float = 1e-6):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops[str(func)] += 1
+        if func is torch.ops.aten.add.Tensor and isinstance(out, torch.Tensor) and tuple(out.shape) == self.add_shape:
+            self.adds += 1
+        return out
+
+    @property
+    def norm_calls(self) -> int:
+        return self.ops["fusednorm.fwd.default"]
+
+
+def test_encoder_fast_path_is_disabled_for_swapped_layers():
+    """A batch_first encoder in eval under no_grad takes torch's fused fast path, which reads the norms'
+    weights and never calls the norm modules; after replace_norms fusednorm's kernels run instead (no hooks
+    here: a hook alone would disable the fast path), with the same outputs, and the report says so."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D_MODEL, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+    original = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False).eval()
+    replaced = copy.deepcopy(original)
+    report = PatchReport()
+    fusednorm.replace_norms(replaced, report=report)
+    assert [r.name for r in report.of("changed")] == ["layers.0", "layers.1"]
+    x = torch.randn(2, 5, D_MODEL, generator=torch.Generator().manual_seed(1)) + 1.0
+    with torch.no_grad(), OpCounter() as theirs:
+        y_theirs = original(x)
+    with torch.no_grad(), OpCounter() as ours:
+        y_ours = replaced(x)
+    assert theirs.ops["aten._transformer_encoder_layer_fwd.default"] == 2  # the control: the fast path ran
+    assert ours.ops["aten._transformer_encoder_layer_fwd.default"] == 0 and ours.norm_calls == 4
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ what replace_norms leaves alone
+
+class UserRMSNorm(nn.Module):
+    """A user's own class named *RMSNorm, written as HF writes LlamaRMSNorm, plus a clamp the probe cannot see."""
+
+    def __init__(self, n: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(n))
         self.variance_epsilon = eps
-        self.rule = rule
 
     def forward(self, hidden_states):
         dtype = hidden_states.dtype
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        if self.rule == "promote":
-            return self.weight * h.to(dtype)
-        if self.rule == "input":
-            return (self.weight * h).to(dtype)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            h = h.to(self.weight.dtype)
-        return self.weight * h
+        return (self.weight * h.to(dtype)).clamp(-50, 50)
 
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def test_a_user_class_is_never_swapped_whatever_its_name(caplog):
+    model = nn.Sequential(UserRMSNorm(8), nn.LayerNorm(8))
+    report = PatchReport()
+    with caplog.at_level(logging.INFO, logger="fusednorm"):
+        fusednorm.replace_norms(model, report=report)
+    assert type(model[0]) is UserRMSNorm and isinstance(model[1], fusednorm.LayerNorm)
+    assert [(r.name, r.action) for r in report.records] == [("0", "left"), ("1", "swapped")]
+    assert "a class of your own" in report.left[0].detail
+    (line,) = [r for r in caplog.records if r.name == "fusednorm"]
+    assert line.levelno == logging.INFO and "swapped 1 (1 LayerNorm)" in line.getMessage()
+    assert "left 1 (1 UserRMSNorm)" in line.getMessage()
 
 
-@pytest.mark.parametrize("rule", ["promote", "input", "weight"])
-@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
-def test_hf_style_rmsnorm_replaced_with_its_dtype_rule(rule, w_dtype):
-    norm = _LlamaStyleRMSNorm(40, rule).to(w_dtype)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.3)
-    model = nn.Sequential(norm)
+def test_replace_norms_warns_when_it_finds_nothing(caplog):
+    with caplog.at_level(logging.INFO, logger="fusednorm"):
+        fusednorm.replace_norms(nn.Sequential(nn.Linear(4, 4)))
+    (line,) = [r for r in caplog.records if r.name == "fusednorm"]
+    assert line.levelno == logging.WARNING and "nothing found" in line.getMessage()
+
+
+def test_torchscript_modules_are_left_and_reported():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))
+    model = nn.Sequential(scripted, nn.LayerNorm(8))
+    report = PatchReport()
+    fusednorm.replace_norms(model, report=report)
+    assert isinstance(model[1], fusednorm.LayerNorm)
+    assert [(r.name, r.action, r.detail) for r in report.left] == [("0.1", "left", "inside a TorchScript module")]
+    model(torch.randn(2, 8))  # the scripted part still runs
+
+
+def test_replace_norms_swaps_meta_norms_keeping_the_meta_parameters():
+    """Built on the meta device (before weights exist): swapped; the weights are loaded afterwards."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.RMSNorm(8))
     fusednorm.replace_norms(model)
-    twin = model[0]
-    assert isinstance(twin, fusednorm.modules.HFRMSNorm) and twin.out_dtype_rule == rule
-    assert twin.weight is norm.weight and list(model.state_dict()) == ["0.weight"]
-    for x_dtype in DTYPES:
-        x = (torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(x_dtype)
-        ours, theirs = twin(x), norm(x)
-        assert ours.dtype == theirs.dtype, (x_dtype, ours.dtype, theirs.dtype)
-        x64, w64 = x.double(), norm.weight.detach().double()
-        reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-        assert_within_section6(f"y {x_dtype}", ours, reference, theirs, dtype=theirs.dtype)
-        g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(1))
-        xs = [x.clone().requires_grad_(True) for _ in range(3)]
-        ours = twin(xs[0])
-        grads = [torch.autograd.grad((o.double() * g).sum(), xi)[0] for o, xi in
-                 ((ours, xs[0]), (norm(xs[1]), xs[1]), (ExactRMS(norm)(xs[2].double()), xs[2]))]
-        assert_within_section6(f"dx {x_dtype}", grads[0], grads[2], grads[1], dtype=x_dtype)
+    assert isinstance(model[1], fusednorm.LayerNorm) and isinstance(model[2], fusednorm.RMSNorm)
+    assert model[1].weight.is_meta
+    reference = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.RMSNorm(8))
+    model.load_state_dict(reference.state_dict(), assign=True)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
-class ExactRMS(nn.Module):
-    """w * x * rsqrt(mean(x^2) + eps) in x's dtype (the float64 reference)."""
+# --------------------------------------------------------------------- warnings when there is nothing to do
 
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
+def test_admin_init_warns_when_there_is_no_learned_scale():
+    model = nn.Sequential(nn.Linear(4, 4), fusednorm.AddLayerNorm(4))  # residual_scale=None: nothing to set
+    with pytest.warns(UserWarning, match="admin_init found no"):
+        assert fusednorm.admin_init(model) == []
+    with pytest.warns(UserWarning, match="admin_init found no"):
+        assert fusednorm.admin_init(model, lambda: None) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model with a learned scale: no warning
+        fusednorm.admin_init(nn.Sequential(fusednorm.AddLayerNorm(4, residual_scale="vector")))
 
-    def forward(self, x):
-        w = self.norm.weight.detach().to(x.dtype)
-        return w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.norm.variance_epsilon)
 
-
-def test_replace_norms_leaves_non_norms_and_meta_modules_alone():
-    model = nn.Sequential(nn.Linear(8, 8), _LlamaStyleRMSNorm(8, "promote").to("meta"), nn.Embedding(4, 8))
-    fusednorm.replace_norms(model)
-    assert [type(m) for m in model] == [nn.Linear, _LlamaStyleRMSNorm, nn.Embedding]
+def test_deepnorm_init_warns_when_there_is_no_layer():
+    with pytest.warns(UserWarning, match="deepnorm_init_ found no"):
+        assert fusednorm.deepnorm_init_(nn.Sequential(nn.Linear(4, 4)), beta=0.5) == []

@@ -14,6 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import fusednorm
+from fusednorm import case_matrix
+from fusednorm.testing import CONSTANT_SCALE, Case, case_variants, make_inputs, variant
+from fusednorm.variant import ScaleKind
 
 BACKENDS = fusednorm.available_backends("cpu")
 M, N = 6, 16
@@ -48,95 +51,83 @@ def _bytes(tensors) -> int:
     return total
 
 
-def _args(dtype=torch.float32, param_dtype=None, scale=None):
-    gen = torch.Generator().manual_seed(0)
-    pdt = param_dtype or dtype
-    x = (torch.randn(2, M // 2, N, generator=gen) + 1).to(dtype).requires_grad_(True)
-    r = torch.randn(2, M // 2, N, generator=gen).to(dtype).requires_grad_(True)
-    w = (torch.rand(N, generator=gen) + 0.5).to(pdt).requires_grad_(True)
-    b = torch.randn(N, generator=gen).to(pdt).requires_grad_(True)
-    s = {"vector": torch.rand(N, generator=gen) + 0.5, "scalar": torch.tensor(1.5)}.get(scale, scale)
-    if isinstance(s, torch.Tensor):
-        s = s.to(pdt).requires_grad_(True)
-    return x, r, w, b, s
-
-
 F32, F16, BF16, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int64
 MN, ROW, COL = (M, N), (M,), (N,)
+SHAPE = (2, M // 2, N)  # leading dims are flattened to M rows: saved tensors are (M, N) views
+_SLOW = not torch.cuda.is_available()  # triton runs interpreted: a covering subset of the variants
 
-# (name, call(x, r, w, b, s, backend), x dtype, param dtype, scale, expected saved (shape, dtype) list)
-VARIANTS = [
-    ("layer_norm: x, weight, mean, rstd",
-     lambda x, r, w, b, s, be: fusednorm.layer_norm(x, w, b, backend=be), F32, None, None,
-     [(MN, F32), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("layer_norm bf16 x, fp32 params",
-     lambda x, r, w, b, s, be: fusednorm.layer_norm(x, w, b, backend=be), BF16, F32, None,
-     [(MN, BF16), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("layer_norm without affine: x, mean, rstd",
-     lambda x, r, w, b, s, be: fusednorm.layer_norm(x, backend=be), F16, None, None,
-     [(MN, F16), (ROW, F32), (ROW, F32)]),
-    ("rms_norm: x, weight, rstd",
-     lambda x, r, w, b, s, be: fusednorm.rms_norm(x, w, backend=be), F16, None, None,
-     [(MN, F16), (COL, F16), (ROW, F32)]),
-    ("Post-LN, no scale: h only",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, w, b, backend=be), F16, F32, None,
-     [(MN, F16), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("Post-LN, constant scale (DeepNorm): h only",
-     lambda x, r, w, b, s, be: fusednorm.add_rms_norm(x, r, w, residual_scale=s, backend=be), BF16, None, 2.0,
-     [(MN, BF16), (COL, BF16), (ROW, F32)]),
-    ("Post-LN, learned vector scale: x and residual, no h",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, w, b, residual_scale=s, backend=be), F16, F32,
-     "vector", [(MN, F16), (MN, F16), (COL, F32), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("Post-LN, learned 0-d scale: x and residual, no h",
-     lambda x, r, w, b, s, be: fusednorm.add_rms_norm(x, r, w, residual_scale=s, backend=be), F32, None, "scalar",
-     [(MN, F32), (MN, F32), (COL, F32), ((), F32), (ROW, F32)]),
-    ("Pre-LN: h (the returned one)",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, w, b, prenorm=True, backend=be), BF16, F32, None,
-     [(MN, BF16), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("Pre-LN, residual in fp32: fp32 h",
-     lambda x, r, w, b, s, be: fusednorm.add_rms_norm(x, r.float(), w, prenorm=True, residual_in_fp32=True,
-                                                      backend=be), F16, F32, None,
-     [(MN, F32), (COL, F32), (ROW, F32)]),
-    ("Pre-LN, learned scale: h and residual",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, w, b, residual_scale=s, prenorm=True, backend=be),
-     F16, F32, "vector", [(MN, F16), (MN, F16), (COL, F32), (COL, F32), (ROW, F32), (ROW, F32)]),
-    ("Post-LN + dropout: h and the int64 seed, no mask",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, w, b, dropout_p=0.5, backend=be), F16, None, None,
-     [(MN, F16), (COL, F16), (ROW, F32), (ROW, F32), ((1,), I64)]),
-    ("learned scale + dropout: x, residual and the seed",
-     lambda x, r, w, b, s, be: fusednorm.add_rms_norm(x, r, w, residual_scale=s, dropout_p=0.1, backend=be), F32,
-     None, "vector", [(MN, F32), (MN, F32), (COL, F32), (COL, F32), (ROW, F32), ((1,), I64)]),
-    ("Pre-LN + dropout: h and the seed",
-     lambda x, r, w, b, s, be: fusednorm.add_layer_norm(x, r, None, None, prenorm=True, dropout_p=0.3, backend=be),
-     BF16, None, None, [(MN, BF16), (ROW, F32), (ROW, F32), ((1,), I64)]),
-]
+# DESIGN section 5 in words, for a few variants: the list ``Variant.saved`` must give (and the test below
+# checks every variant's saved tensors against ``Variant.saved``).
+DESIGN_SAVED = {
+    "layer_norm": ("x", "weight", "mean", "rstd"),
+    "layer_norm[no_weight,no_bias]": ("x", "mean", "rstd"),
+    "rms_norm": ("x", "weight", "rstd"),
+    "add_layer_norm[unscaled]": ("h", "weight", "mean", "rstd"),  # Post-LN, no scale: h only
+    "add_rms_norm[constant]": ("h", "weight", "rstd"),  # DeepNorm: h only
+    "add_layer_norm[vector]": ("x", "residual", "weight", "residual_scale", "mean", "rstd"),  # no h
+    "add_rms_norm[scalar]": ("x", "residual", "weight", "residual_scale", "rstd"),
+    "add_layer_norm[unscaled,prenorm]": ("h", "weight", "mean", "rstd"),  # the returned h
+    "add_layer_norm[vector,prenorm]": ("h", "residual", "weight", "residual_scale", "mean", "rstd"),
+    "add_layer_norm[unscaled,dropout]": ("h", "weight", "mean", "rstd", "seed"),  # the seed, never a mask
+    "add_rms_norm[vector,dropout]": ("x", "residual", "weight", "residual_scale", "rstd", "seed"),
+}
+
+
+def test_variant_saved_is_designs_list():
+    for name, saved in DESIGN_SAVED.items():
+        assert variant(name).saved == saved, name
+
+
+def _case(v) -> Case:
+    """float16 x with float32 parameters (the float32 residual / h flags need a narrower x)."""
+    return Case(v, SHAPE, F16, F32)
+
+
+def _leaves(case: Case) -> dict:
+    inputs = make_inputs(case, generator=torch.Generator().manual_seed(0))
+    return {k: v.requires_grad_(True) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
+            if k not in ("dy", "dh")}
+
+
+def _expected(case: Case) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor of ``case.variant.saved``."""
+    v, x_dtype, pdt = case.variant, case.dtype, case.param_dtype or case.dtype
+    signature = dict(x=(MN, x_dtype), residual=(MN, v.residual_dtype(x_dtype)), h=(MN, v.h_dtype(x_dtype)),
+                     weight=(COL, pdt), residual_scale=(COL if v.scale_kind == ScaleKind.VECTOR else (), pdt),
+                     mean=(ROW, F32), rstd=(ROW, F32), seed=((1,), I64))
+    return [signature[name] for name in v.saved]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_saved_tensors_are_designs_list(backend, variant):
-    name, call, dtype, pdt, scale, expected = variant
-    x, r, w, b, s = _args(dtype, pdt, scale)
-    out, saved = _saved(lambda: call(x, r, w, b, s, backend))
-    assert _signature(saved) == sorted(expected, key=str)
-    # No dropout mask in any form: nothing boolean/uint8.
-    assert not any(t.dtype in (torch.bool, torch.uint8) for t in saved)
-    # Saved activations are the caller's x/residual or the returned h, never copies; the one new (M, N)
-    # tensor is the h of Post-LN without a learned scale, which the backward reads instead of x, residual.
-    outs = out if isinstance(out, tuple) else (out,)
-    held = {t.untyped_storage().data_ptr() for t in (x, r, *outs)}
-    new = [t for t in saved if t.shape == MN and t.untyped_storage().data_ptr() not in held]
-    fresh_h = name.startswith("Post-LN") and "no h" not in name
-    assert len(new) == (1 if fresh_h else 0)
-    sum(o.float().sum() for o in outs).backward()  # and the backward runs from exactly these
+def test_saved_tensors_are_the_variants_list(backend):
+    """Every variant (a covering subset under the interpreter): autograd holds exactly ``Variant.saved``."""
+    variants = case_variants()
+    if backend != "torch" and _SLOW:
+        variants = case_matrix.covering(variants)
+    for v in variants:
+        case = _case(v)
+        leaves = _leaves(case)
+        out, saved = _saved(lambda: case.call(leaves, backend))  # noqa: B023 (called at once)
+        assert _signature(saved) == sorted(_expected(case), key=str), v.name
+        # No dropout mask in any form: nothing boolean/uint8.
+        assert not any(t.dtype in (torch.bool, torch.uint8) for t in saved), v.name
+        # Saved activations are the caller's x/residual or the returned h, never copies; the one new (M, N)
+        # tensor is the h of Post-LN without a learned scale, which the backward reads instead of x, residual.
+        outs = out if isinstance(out, tuple) else (out,)
+        held = {t.untyped_storage().data_ptr() for t in (leaves["x"], leaves.get("residual"), *outs) if t is not None}
+        new = [t for t in saved if t.shape == MN and t.untyped_storage().data_ptr() not in held]
+        assert len(new) == int(v.store_h and not v.prenorm), v.name
+        sum(o.float().sum() for o in outs).backward()  # and the backward runs from exactly these
 
 
 def test_nothing_is_saved_without_grad():
-    x, r, w, b, s = _args(scale="vector")
+    case = _case(variant("add_layer_norm[vector,dropout]"))
+    leaves = _leaves(case)
     with torch.no_grad():
-        _, saved = _saved(lambda: fusednorm.add_layer_norm(x, r, w, b, residual_scale=s, dropout_p=0.2))
+        _, saved = _saved(lambda: case.call(leaves, None))
     assert saved == []
-    _, saved = _saved(lambda: fusednorm.layer_norm(x.detach(), w.detach(), b.detach()))
+    plain = _case(variant("layer_norm"))
+    _, saved = _saved(lambda: plain.call({k: v.detach() for k, v in _leaves(plain).items()}, None))
     assert saved == []
 
 
@@ -148,47 +139,37 @@ def test_modules_save_no_mask():
     assert not any(t.dtype in (torch.bool, torch.uint8) for t in saved)
 
 
-def _eager(kind, x, r, w, b, s, p, prenorm):
+def _eager(case: Case, t: dict):
     """torch eager's composition of the same math, in the same dtypes."""
-    xd = F.dropout(x, p) if p else x
-    if kind.startswith("add"):
-        h = (r * s if s is not None else r) + xd
-    else:
-        h = xd
-    if "rms" in kind:
-        y = F.rms_norm(h, (N,), w, 1e-6)
-    else:
-        y = F.layer_norm(h, (N,), w, b)
-    return (y, h) if prenorm else y
+    v = case.variant
+    h = F.dropout(t["x"], case.dropout_p) if v.has_dropout else t["x"]
+    if v.has_residual:
+        s = CONSTANT_SCALE if v.scale_kind == ScaleKind.CONSTANT else t.get("residual_scale")
+        h = (t["residual"] * s if s is not None else t["residual"]) + h
+    w = t.get("weight")
+    w = w + case.weight_offset if w is not None and case.weight_offset else w
+    y = F.rms_norm(h, (N,), w, case.eps) if v.is_rms else F.layer_norm(h, (N,), w, t.get("bias"), case.eps)
+    return (y, h) if v.prenorm else y
 
 
-EAGER_CASES = [("layer_norm", None, 0.0, False), ("rms_norm", None, 0.0, False), ("add_layer_norm", None, 0.0, False),
-               ("add_layer_norm", "vector", 0.0, False), ("add_layer_norm", 2.0, 0.0, True),
-               ("add_rms_norm", "vector", 0.0, True), ("add_layer_norm", None, 0.1, False),
-               ("add_layer_norm", "vector", 0.1, True), ("add_rms_norm", "scalar", 0.1, False)]
+# The variants with the default parameters and without the float32 flags (every residual scale, layout
+# and dropout), in both x dtypes.
+EAGER_VARIANTS = [v for v in case_variants() if case_matrix.default_affine(v) and not case_matrix.float32_flags(v)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind,scale,p,prenorm", EAGER_CASES)
-def test_saved_bytes_never_exceed_torch_eager(kind, scale, p, prenorm, dtype):
+def test_saved_bytes_never_exceed_torch_eager(dtype):
     """On the CPU the forward's share of the forward + backward peak is what it saves: compare the bytes
     (shared storages counted once) with torch eager's composition; dropout must save 8 bytes, not a
     mask of M * N bytes."""
-    x, r, w, b, s = _args(dtype, None, scale)
-    fn = getattr(fusednorm, kind)
-    kwargs = dict(residual_scale=s, dropout_p=p, prenorm=prenorm) if kind.startswith("add") else {}
-    if kind == "layer_norm":
-        _, fused = _saved(lambda: fn(x, w, b))
-    elif kind == "rms_norm":
-        _, fused = _saved(lambda: fn(x, w))
-    elif kind == "add_layer_norm":
-        _, fused = _saved(lambda: fn(x, r, w, b, **kwargs))
-    else:
-        _, fused = _saved(lambda: fn(x, r, w, **kwargs))
-    _, eager = _saved(lambda: _eager(kind, x, r, w, b, s, p, prenorm))
-    assert _bytes(fused) <= _bytes(eager), (_signature(fused), _signature(eager))
-    if p:
-        assert _bytes(eager) - _bytes(fused) >= x.numel() - 8  # the mask that eager keeps
+    for v in EAGER_VARIANTS:
+        case = Case(v, SHAPE, dtype, weight_offset=1.0 if v.is_rms else 0.0)
+        leaves = _leaves(case)
+        _, fused = _saved(lambda: case.call(leaves, None))  # noqa: B023 (called at once)
+        _, eager = _saved(lambda: _eager(case, leaves))  # noqa: B023
+        assert _bytes(fused) <= _bytes(eager), (v.name, _signature(fused), _signature(eager))
+        if v.has_dropout:
+            assert _bytes(eager) - _bytes(fused) >= leaves["x"].numel() - 8, v.name  # the mask that eager keeps
 
 
 @pytest.mark.gpu

@@ -196,3 +196,113 @@ def test_module_outputs_are_not_autograd_views():
         assert not module(x)._is_view()
     for module in (fusednorm.AddLayerNorm(8, prenorm=True), fusednorm.AddRMSNorm(8, prenorm=True)):
         assert not any(t._is_view() for t in module(x, r))
+
+
+# ------------------------------------------------------------------------------------------- weight_offset
+
+OFFSET_MODULES = {
+    "LayerNorm": lambda **kw: fusednorm.LayerNorm(8, **kw),
+    "RMSNorm": lambda **kw: fusednorm.RMSNorm(8, eps=1e-6, **kw),
+    "AddLayerNorm": lambda **kw: fusednorm.AddLayerNorm(8, **kw),
+    "AddRMSNorm": lambda **kw: fusednorm.AddRMSNorm(8, eps=1e-6, **kw),
+}
+
+
+def _torch_twin(name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+    """The same computation in float64 torch, with the affine weight given (weight + offset)."""
+    def run(x, r=None):
+        h = x.double() if r is None else x.double() + r.double()
+        w = weight.double()
+        if "Layer" in name:
+            return nn.functional.layer_norm(h, (8,), w, bias.double(), 1e-5)
+        return nn.functional.rms_norm(h, (8,), w, 1e-6)
+    return run
+
+
+@pytest.mark.parametrize("name", list(OFFSET_MODULES))
+def test_every_module_takes_a_weight_offset(name):
+    """y = xhat * (weight + weight_offset) (+ bias); the weight starts at 1 - offset, so the affine weight
+    starts at 1; the state_dict keys are torch's; the gradient reaches the stored weight."""
+    module = OFFSET_MODULES[name](weight_offset=1.0)
+    plain = OFFSET_MODULES[name]()
+    assert module.weight_offset == 1.0 and plain.weight_offset == 0.0
+    assert torch.equal(module.weight.detach(), torch.zeros(8)) and list(module.state_dict()) == list(plain.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        module.weight.copy_(0.3 * torch.randn(8, generator=gen))
+    x, r = torch.randn(4, 8, generator=gen) + 1, torch.randn(4, 8, generator=gen)
+    args = (x,) if "Add" not in name else (x, r)
+    y = module(*args)
+    bias = getattr(module, "bias", None)
+    reference = _torch_twin(name, module.weight.detach() + 1.0, bias.detach() if bias is not None else None)(*args)
+    torch.testing.assert_close(y.double(), reference, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    w = (module.weight.detach().double() + 1.0).requires_grad_(True)
+    _torch_twin(name, w, bias.detach() if bias is not None else None)(*args).square().sum().backward()
+    torch.testing.assert_close(module.weight.grad.double(), w.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_offset_is_keyword_only_and_checked():
+    with pytest.raises(TypeError):
+        fusednorm.LayerNorm(8, 1e-5, True, True, None, None, 1.0)  # positional: refused
+    with pytest.raises(ValueError, match="weight_offset was given but weight is None"):
+        fusednorm.RMSNorm(8, elementwise_affine=False, weight_offset=1.0)
+    with pytest.raises(TypeError, match="weight_offset must be a Python float"):
+        fusednorm.AddRMSNorm(8, weight_offset="one")
+    norm = fusednorm.LayerNorm(8, weight_offset=1.0)
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+    norm.reset_parameters()  # back to an affine weight of 1
+    assert torch.equal(norm.weight.detach(), torch.zeros(8)) and "weight_offset=1.0" in repr(norm)
+
+
+# ------------------------------------------------------------------------------------------------ autocast
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_drop_ins_follow_torch_under_cpu_autocast(x_dtype):
+    """CPU autocast leaves layer_norm / rms_norm alone: the output has the input's dtype, as torch's."""
+    x = (torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) + 1).to(x_dtype)
+    for ours, theirs in ((fusednorm.LayerNorm(8), nn.LayerNorm(8)), (fusednorm.RMSNorm(8), nn.RMSNorm(8))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_ours, y_theirs = ours(x), theirs(x)
+        assert y_ours.dtype == y_theirs.dtype == x_dtype
+        torch.testing.assert_close(y_ours.float(), y_theirs.float(), **ATOL_PAIR[x_dtype])
+
+
+def test_add_modules_do_not_cast_under_autocast():
+    """Documented: y in x's dtype, h in the residual's, also under autocast."""
+    x, r = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = fusednorm.AddRMSNorm(8, prenorm=True)(x, r)
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
+
+
+def test_drop_ins_compute_in_float32_where_autocast_says_so(monkeypatch):
+    """The CUDA rule (layer_norm / rms_norm on autocast's fp32 list), exercised on the CPU by declaring the
+    CPU such a device: a 16-bit input is normalised in float32 and the output is float32."""
+    monkeypatch.setattr(fusednorm.modules, "AUTOCAST_FP32_NORM_DEVICES", ("cpu",))
+    x = (torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(torch.bfloat16)
+    for ours, functional in ((fusednorm.LayerNorm(8, dtype=torch.bfloat16), nn.functional.layer_norm),
+                             (fusednorm.RMSNorm(8, dtype=torch.bfloat16), nn.functional.rms_norm)):
+        with torch.no_grad():
+            ours.weight.normal_(1.0, 0.2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours(x)
+        assert y.dtype == torch.float32
+        params = [p.float() for p in ours.parameters()]
+        torch.testing.assert_close(y, functional(x.float(), (8,), *params), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", enabled=False):
+        assert fusednorm.LayerNorm(8, dtype=torch.bfloat16)(x).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_drop_ins_follow_torch_under_cuda_autocast(x_dtype):
+    """On CUDA, torch.nn.LayerNorm / RMSNorm return float32 under autocast; so do the drop-ins."""
+    x = (torch.randn(16, 64, device="cuda") + 1).to(x_dtype)
+    for ours, theirs in ((fusednorm.LayerNorm(64), nn.LayerNorm(64)), (fusednorm.RMSNorm(64), nn.RMSNorm(64))):
+        ours, theirs = ours.cuda(), theirs.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y_ours, y_theirs = ours(x), theirs(x)
+        assert y_ours.dtype == y_theirs.dtype == torch.float32
+        torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,5 @@
 // CPU emulation of the fusednorm CUDA kernels, for tests on machines without a GPU
-// (tests/test_cuda_emulated.py builds this file with g++ and calls it through ctypes).
+// (tests/_cuda_emulation.py builds this file with g++ and calls it through ctypes).
 //
 // The kernel templates of ../fwd_kernel.cuh and ../bwd_kernel.cuh are compiled as host C++: every CUDA
 // thread of a block is a std::thread, __syncthreads() is a block-wide std::barrier, __shfl_xor_sync is
@@ -7,6 +7,8 @@
 // other (so function-local statics are the block's shared memory). This checks the kernels' indexing,
 // chunking, reductions, column partials and dropout against the torch backend; it says nothing about
 // performance, and the device compiler's own choices (FMA contraction) are not those of g++.
+// The host side is the GPU's too: host.h fills the parameter structs from tensor descriptions and the
+// flag word, and runs the backward's partial rows and column sums, exactly as ops.cpp does.
 #include <barrier>
 #include <cstdint>
 #include <cstring>
@@ -56,6 +58,7 @@ alignas(16) unsigned char partial_smem[1 << 20];
 
 #include "../bwd_kernel.cuh"
 #include "../fwd_kernel.cuh"
+#include "../host.h"
 
 namespace {
 
@@ -88,25 +91,27 @@ void launch(Kernel kernel, dim3 grid, dim3 block, const Args&... args) {
 using namespace fusednorm;
 
 template <typename T>
-void run_fwd(FwdParams& p) {
+void run_fwd(const FwdParams& p) {
   FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT>;
-        launch(&fwd_kernel<V>, dim3(static_cast<unsigned>(p.launch.grid)),
-               dim3(p.launch.threads_per_row, p.launch.rows_per_block), p);
+        FUSEDNORM_BOOL_SWITCH(p.store_stats, STORE_STATS, [&] {
+          using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, kRuntime>;
+          launch(&fwd_kernel<V, STORE_STATS>, dim3(static_cast<unsigned>(p.launch.grid)),
+                 dim3(p.launch.threads_per_row, p.launch.rows_per_block), p);
+        });
       });
     });
   });
 }
 
 template <typename T>
-void run_bwd(BwdParams& p) {
+void run_bwd(const BwdParams& p) {
   FUSEDNORM_BOOL_SWITCH(p.is_rms, IS_RMS, [&] {
     FUSEDNORM_BOOL_SWITCH(p.has_residual, HAS_RESIDUAL, [&] {
       FUSEDNORM_BOOL_SWITCH(p.has_dropout, HAS_DROPOUT, [&] {
-        FUSEDNORM_BOOL_SWITCH(p.read_h, READ_H, [&] {
-          using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, READ_H>;
+        FUSEDNORM_BOOL_SWITCH(p.store_h, STORE_H, [&] {
+          using V = Variant<T, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT, STORE_H>;
           launch(&bwd_kernel<V>, dim3(static_cast<unsigned>(p.launch.grid)),
                  dim3(p.launch.threads_per_row, p.launch.rows_per_block), p);
         });
@@ -116,54 +121,81 @@ void run_bwd(BwdParams& p) {
 }
 
 template <typename F>
-void by_dtype(int dtype, F&& f) {
+void by_dtype(DType dtype, F&& f) {
   switch (dtype) {
-    case 0: f(__half{}); break;
-    case 1: f(__nv_bfloat16{}); break;
-    case 2: f(float{}); break;
+    case kFloat16: f(__half{}); break;
+    case kBFloat16: f(__nv_bfloat16{}); break;
+    case kFloat32: f(float{}); break;
     default: f(double{}); break;
   }
+}
+
+// out[c] = fixed-order sum of partial[:, c] (compute dtype C), stored in out's dtype as on the GPU.
+template <typename C>
+void column_sum(const void* partial, int64_t rows, int64_t cols, const TensorView& out) {
+  const dim3 grid(static_cast<unsigned>((cols + 31) / 32)), block(32, 8);
+  by_dtype(out.dtype, [&](auto tag) {
+    using Out = decltype(tag);
+    launch(&column_sum_kernel<C, Out>, grid, block, static_cast<const C*>(partial), rows, cols,
+           static_cast<Out*>(out.data));
+  });
 }
 
 }  // namespace
 
 extern "C" {
 
-// The launch configuration is chosen by the same heuristic as on the GPU, for a device of num_sms
-// SMs with blocks_per_sm resident blocks.
-int fusednorm_emu_fwd(int dtype, FwdParams* p, int num_sms, int blocks_per_sm) {
-  const int elem = dtype <= 1 ? 2 : dtype == 2 ? 4 : 8;
-  p->launch = choose_launch(p->rows, p->cols, elem, num_sms, blocks_per_sm, false);
-  by_dtype(dtype, [&](auto tag) { run_fwd<decltype(tag)>(*p); });
+// The emulated device: num_sms SMs with blocks_per_sm resident blocks each (the GPU's launchers ask
+// the occupancy calculator instead). The functions return 0, or -1 when `variant` is not a flag word.
+
+// tensors: x, residual, weight, bias, residual_scale, seed, y, h, mean, rstd, stats (host.h: ForwardTensors).
+int fusednorm_emu_forward(int64_t variant, const TensorView* t, double eps, double scale_value, double dropout_p,
+                          double weight_offset, int num_sms, int blocks_per_sm) {
+  if (why_not_a_variant(variant) != nullptr) return -1;
+  const ForwardTensors tensors{t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10]};
+  FwdParams p = forward_params(VariantFlags::decode(variant), tensors,
+                               ForwardScalars{eps, scale_value, dropout_p, weight_offset});
+  p.num_sms = num_sms;
+  p.launch.grid = choose_grid(p.rows, p.launch.rows_per_block, num_sms, blocks_per_sm);
+  by_dtype(tensors.x.dtype, [&](auto tag) { run_fwd<decltype(tag)>(p); });
   return 0;
 }
 
-// Fills p->launch (the caller then allocates launch.grid * launch.rows_per_block partial rows).
-int fusednorm_emu_bwd_configure(int dtype, BwdParams* p, int num_sms, int blocks_per_sm, int partial_slots) {
-  const int elem = dtype <= 1 ? 2 : dtype == 2 ? 4 : 8;
-  p->launch = choose_launch(p->rows, p->cols, elem, num_sms, blocks_per_sm, true, partial_slots);
-  return static_cast<int>(p->launch.grid * p->launch.rows_per_block);
-}
-
-int fusednorm_emu_bwd(int dtype, BwdParams* p) {
-  by_dtype(dtype, [&](auto tag) { run_bwd<decltype(tag)>(*p); });
+// tensors: dy, dh_in, x, residual, h, weight, residual_scale, mean, rstd, seed, then dx, dresidual,
+// dweight, dbias, dscale (host.h: BackwardTensors).
+int fusednorm_emu_backward(int64_t variant, const TensorView* t, double scale_value, double dropout_p,
+                           double weight_offset, int num_sms, int blocks_per_sm) {
+  if (why_not_a_variant(variant) != nullptr) return -1;
+  const BackwardTensors tensors{t[0], t[1], t[2],  t[3],  t[4],  t[5],  t[6], t[7],
+                                t[8], t[9], t[10], t[11], t[12], t[13], t[14]};
+  BwdParams p = backward_params(VariantFlags::decode(variant), tensors,
+                                BackwardScalars{scale_value, dropout_p, weight_offset});
+  p.num_sms = num_sms;
+  p.launch.grid = backward_grid(p.rows, p.launch);  // a pure function of the problem: num_sms is not read
+  std::vector<std::vector<unsigned char>> buffers;
+  const int compute_bytes = dtype_bytes(compute_dtype(tensors.dy.dtype));
+  auto partial_buffer = [&](int64_t rows, int64_t cols) -> void* {
+    // NaN bytes: a partial cell the kernel forgets to write poisons the gradient.
+    buffers.emplace_back(static_cast<size_t>(rows * cols * compute_bytes), 0xFF);
+    return buffers.back().data();
+  };
+  by_dtype(tensors.dy.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using C = typename ComputeOf<T>::type;
+    run_backward(p, tensors, partial_buffer, [](BwdParams& q) { run_bwd<T>(q); }, column_sum<C>);
+  });
   return 0;
 }
 
-// out[c] = fixed-order sum of partial[:, c] (compute dtype: float, or double when is_double).
-int fusednorm_emu_column_sum(int is_double, const void* partial, int64_t rows, int64_t cols, void* out) {
-  const dim3 grid(static_cast<unsigned>((cols + 31) / 32)), block(32, 8);
-  if (is_double) {
-    launch(&column_sum_kernel<double, double>, grid, block, static_cast<const double*>(partial), rows, cols,
-           static_cast<double*>(out));
-  } else {
-    launch(&column_sum_kernel<float, float>, grid, block, static_cast<const float*>(partial), rows, cols,
-           static_cast<float*>(out));
-  }
+// The facts of a variant for x of dtype x_dtype (host.h: variant_facts) into out[kNumVariantFacts];
+// -1 when `variant` is not a flag word.
+int fusednorm_emu_variant_facts(int64_t variant, int x_dtype, int64_t* out) {
+  if (why_not_a_variant(variant) != nullptr) return -1;
+  const auto facts = variant_facts(VariantFlags::decode(variant), static_cast<DType>(x_dtype));
+  for (int i = 0; i < kNumVariantFacts; ++i) out[i] = facts[i];
   return 0;
 }
 
-size_t fusednorm_emu_sizeof_fwd_params() { return sizeof(FwdParams); }
-size_t fusednorm_emu_sizeof_bwd_params() { return sizeof(BwdParams); }
+int64_t fusednorm_emu_keep_threshold(double dropout_p) { return keep_threshold(dropout_p); }
 
 }  // extern "C"

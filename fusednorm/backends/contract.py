@@ -16,6 +16,9 @@ Results are fresh and contiguous. A result that does not apply is a fresh tensor
 - y: (M, N), x's dtype. h: (M, N) in ``variant.h_dtype(x.dtype)`` when ``variant.store_h``, and then
   the statistics are those of the stored (rounded) h, because the backward reads it.
 - mean (LayerNorm only) and rstd: (M,), float32 (float64 for float64 x).
+- stats (DESIGN section 7, when ``variant.store_stats``): (M, len(STATS_COLUMNS)) float32, one row of
+  telemetry per row of x, computed in the compute dtype from the values the kernel holds anyway (see
+  STATS_COLUMNS); (0,) otherwise.
 - dx: (M, N), x's dtype (= dy's dtype). dresidual: (M, N) in the residual's dtype when
   ``variant.store_dresidual`` (else the caller uses dx for it). dweight, dscale: the parameter's shape and
   dtype; dbias: (N,) in ``bias_dtype``. Column sums are float32 partials over a partition of the rows,
@@ -31,6 +34,15 @@ import torch
 from torch import Tensor
 
 from ..variant import Variant
+
+# The columns of ``ForwardResult.stats``, per row of N values (f = dropout(x), the branch; r * s, the
+# scaled residual stream, 0 without a residual; h = r * s + f as the norm sees it: the stored, rounded h
+# when the variant stores h). Means and M2 = sum((v - mean)^2) (two-pass or chunk-merged, never
+# E[v^2] - E[v]^2) let the caller merge rows with Chan's formula into a variance over any set of rows.
+STATS_COLUMNS = ("mean_branch", "m2_branch", "mean_stream", "m2_stream", "mean_h", "m2_h", "max_abs_h",
+                 "nonfinite_h")
+# max_abs_h ignores NaN (an Inf counts); nonfinite_h: how many of the row's h values are NaN or +-Inf.
+STATS_WIDTH = len(STATS_COLUMNS)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -80,6 +92,7 @@ class ForwardResult(NamedTuple):
     h: Tensor
     mean: Tensor
     rstd: Tensor
+    stats: Tensor
 
 
 class Gradients(NamedTuple):
@@ -99,6 +112,7 @@ def allocate_forward(variant: Variant, x: Tensor) -> ForwardResult:
         h=x.new_empty(x.shape if variant.store_h else (0,), dtype=variant.h_dtype(x.dtype)),
         mean=x.new_empty((0,) if variant.is_rms else (rows,), dtype=stats),
         rstd=x.new_empty((rows,), dtype=stats),
+        stats=x.new_empty((rows, STATS_WIDTH) if variant.store_stats else (0,), dtype=torch.float32),
     )
 
 

@@ -1,13 +1,14 @@
 """The "cuda" backend: the compiled extension ``fusednorm._C`` built from ``csrc/``.
 
-Importing ``fusednorm._C`` registers three ops in the ``fusednorm`` namespace (C++,
-TORCH_LIBRARY_FRAGMENT; CUDA kernels, and on CPU tensors the same argument checks ending in a
-ValueError):
+Importing ``fusednorm._C`` registers its ops in the ``fusednorm`` namespace (C++,
+TORCH_LIBRARY_FRAGMENT; csrc/ops.cpp):
 
 - ``torch.ops.fusednorm.cuda_fwd`` / ``cuda_bwd``: the kernels, with the arguments of the op layer's
   ``fusednorm::fwd`` / ``bwd`` (``fusednorm/ops.py``) minus ``backend``: the variant's flag word, which
-  csrc/fusednorm.h decodes (its derived facts mirror ``fusednorm.variant.Variant``);
-- ``torch.ops.fusednorm.cuda_launch_config``: the launch heuristic (no tensors; testable anywhere).
+  csrc/fusednorm.h decodes (its derived facts mirror ``fusednorm.variant.Variant``). On CPU tensors
+  they run the same argument checks, ending in a ValueError;
+- without a GPU too: ``cuda_launch_config`` (the launch heuristic), ``cuda_variant_facts`` (the C++
+  facts of a flag word), ``cuda_keep_threshold`` (the dropout threshold) and ``cuda_philox_r0``.
 
 ``forward``/``backward`` below implement the backend contract (``backends/contract.py``). The module
 imports without the extension; ``why_unavailable()`` says why the backend cannot run.

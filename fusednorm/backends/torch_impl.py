@@ -87,6 +87,8 @@ def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
     if args.bias is not None:
         y = y + args.bias.to(cd)
     out.y.copy_(y)
+    if variant.store_stats:
+        out.stats.copy_(_row_stats(variant, args, hf, cd))
     return out
 
 
@@ -127,3 +129,27 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
         per_column = (dh * args.residual.to(cd)).sum(0)
         grads.dscale.copy_(per_column if variant.scale_kind == ScaleKind.VECTOR else per_column.sum())
     return grads
+
+
+def _moments(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row mean and M2 = sum((v - mean)^2) of an (M, N) tensor (two-pass)."""
+    mean = v.mean(-1)
+    centered = v - mean[:, None]
+    return mean, (centered * centered).sum(-1)
+
+
+def _row_stats(variant: Variant, args: ForwardArgs, h: Tensor, cd: torch.dtype) -> Tensor:
+    """The (M, STATS_COLUMNS) telemetry of contract.py for the h the norm used (DESIGN section 7).
+
+    The branch f = dropout(x) and the stream residual * s are rebuilt here (the plain-torch path has no
+    registers to share); only monitored calls pay for it."""
+    branch = _dropped(args.x, args.seed, args.dropout_p, cd)
+    if variant.has_residual:
+        stream = _scaled(args.residual, variant, args.residual_scale, args.scale_value, cd)
+    else:
+        stream = torch.zeros_like(branch)
+    magnitude = h.abs()
+    magnitude = torch.where(torch.isnan(magnitude), torch.zeros((), dtype=cd), magnitude)  # NaN ignored, Inf kept
+    columns = [*_moments(branch), *_moments(stream), *_moments(h), magnitude.amax(-1),
+               (~torch.isfinite(h)).sum(-1).to(cd)]
+    return torch.stack(columns, dim=-1)

@@ -64,6 +64,7 @@ def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
     _forward_kernel[(cfg.num_programs,)](
         x, args.residual, args.weight, args.bias, args.residual_scale, args.seed,
         out.y, out.h if variant.store_h else None, None if variant.is_rms else out.mean, out.rstd,
+        out.stats if variant.store_stats else None,
         x.stride(0), _row_stride(args.residual), out.y.stride(0), out.h.stride(0) if variant.store_h else 0,
         rows, cols, cfg.rows_per_program,
         *float_words(args.eps), *float_words(args.scale_value), *float_words(_dropout_scale(args.dropout_p)),

@@ -1,5 +1,9 @@
-"""Integrations of fusednorm with model libraries (optional dependencies, imported on demand).
+"""Integrations of fusednorm with model libraries (transformers is imported by none of them).
 
-- ``fusednorm.integrations.huggingface``: fuse the Post-LN blocks of BERT-style Hugging Face models and
-  swap their norms (including LLaMA-family RMSNorm classes) for fusednorm's.
+- ``fusednorm.integrations.norms``: ``replace_norms`` (re-exported as ``fusednorm.replace_norms``) and
+  ``HFRMSNorm``, the drop-in for Hugging Face's RMSNorm classes (LLaMA's and Gemma's ``(1 + w)``).
+- ``fusednorm.integrations.huggingface``: ``fuse_model``: BERT-style Post-LN blocks and LLaMA-family decoder
+  layers get the fused residual add + norm (``fusednorm.integrations.decoder``), every other norm is swapped.
+- ``fusednorm.integrations.hub``: layers for the Hugging Face ``kernels`` hub convention (``kernelize``).
+- ``fusednorm.integrations.report``: ``PatchReport``, what a patch function swapped, fused or left, and why.
 """

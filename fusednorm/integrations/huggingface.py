@@ -5,7 +5,8 @@ Two-line usage (``pip install fusednorm[hf]``)::
     from fusednorm.integrations.huggingface import fuse_model
     fuse_model(model)                       # or fuse_model(model, residual_scale="vector") for Admin
 
-What is changed, in place, keeping every Parameter object and state_dict key:
+What is changed, in place, keeping every Parameter object and state_dict key (``report=PatchReport()``
+lists it, and a one-line summary is logged on the "fusednorm" logger):
 
 - BERT-style Post-LN blocks (BertSelfOutput, BertOutput and their copies in RoBERTa, ELECTRA, ...)
   compute ``LayerNorm(dropout(dense(h)) + input)``. Each becomes a :class:`FusedPostLNOutput` that
@@ -17,7 +18,10 @@ What is changed, in place, keeping every Parameter object and state_dict key:
   learned Parameter ``LayerNorm.residual_scale`` initialised to 1 (a new state_dict key), ready for
   :func:`fusednorm.admin_init` (Admin, DESIGN section 3).
 - Every other norm goes through :func:`fusednorm.replace_norms`: torch.nn.LayerNorm / RMSNorm and
-  the LLaMA-family RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, ...).
+  Hugging Face's RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, GemmaRMSNorm's (1 + w), ...).
+- LLaMA-family decoder layers (LLaMA, Mistral, Qwen2/3, Phi-3, Gemma, Gemma2/3, Mixtral, Starcoder2, ...)
+  get both residual adds fused: the attention add with the post-attention norm, the MLP add with the next
+  layer's input norm (the final norm after the last layer), see ``fusednorm.integrations.decoder``.
 
 Blocks and norms are recognised by structure and checked by behaviour on a probe input, not by
 class name, so the module does not import transformers and works with any version of it.
@@ -30,9 +34,12 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from ..modules import AddLayerNorm, forward_arity, replace_norms
+from ..modules import AddLayerNorm
+from .decoder import fuse_decoders
+from .norms import forward_arity, private_copy, swap_norms
+from .report import FUSED, PatchReport, log_summary
 
-__all__ = ["FusedPostLNOutput", "fuse_model", "patch_post_ln"]
+__all__ = ["FusedPostLNOutput", "PatchReport", "fuse_model", "patch_post_ln"]
 
 
 class FusedPostLNOutput(nn.Module):
@@ -65,7 +72,8 @@ def _is_post_ln_block(module: nn.Module) -> bool:
     Structure: exactly the children ``dense`` (nn.Linear), ``dropout`` (nn.Dropout) and ``LayerNorm``
     (nn.LayerNorm over one dimension equal to dense.out_features), no parameters of its own, and a
     forward with two arguments. Behaviour: in eval mode, on a probe input, its output equals
-    LayerNorm(dense(h) + input) (this rejects blocks that add elsewhere or normalise something else).
+    LayerNorm(dense(h) + input) (this rejects blocks that add elsewhere or normalise something else); a
+    block on the meta device is probed on a CPU copy with random weights.
     """
     children = dict(module.named_children())
     if set(children) != {"dense", "dropout", "LayerNorm"} or module._parameters or module._buffers:
@@ -73,19 +81,27 @@ def _is_post_ln_block(module: nn.Module) -> bool:
     dense, dropout, norm = children["dense"], children["dropout"], children["LayerNorm"]
     if not (isinstance(dense, nn.Linear) and type(dropout) is nn.Dropout and isinstance(norm, nn.LayerNorm)):
         return False
-    if tuple(norm.normalized_shape) != (dense.out_features,) or dense.weight.is_meta:
+    if tuple(norm.normalized_shape) != (dense.out_features,):
         return False
     if forward_arity(module) != 2:
         return False
-    flags = {m: m.training for m in module.modules()}
     gen = torch.Generator().manual_seed(0)
-    w = dense.weight
+    # A model on the meta device is probed on a CPU copy with random weights; otherwise in place (no copy
+    # of a large dense layer), restoring the training flags after.
+    meta = any(p.is_meta for p in module.parameters())
+    probe = private_copy(module) if meta else module
+    flags = {m: m.training for m in probe.modules()}
     try:
-        module.eval()
+        probe.eval()
         with torch.no_grad():
+            if meta:
+                for p in probe.parameters():
+                    p.copy_(0.2 * torch.randn(p.shape, generator=gen) + (1.0 if p.dim() == 1 else 0.0))
+            dense, norm = probe.dense, probe.LayerNorm
+            w = dense.weight
             h = torch.randn(2, dense.in_features, generator=gen).to(device=w.device, dtype=w.dtype)
             residual = torch.randn(2, dense.out_features, generator=gen).to(device=w.device, dtype=w.dtype)
-            out = module.forward(h, residual)
+            out = probe.forward(h, residual)
             ref = torch.nn.functional.layer_norm(
                 (dense(h) + residual).double(), norm.normalized_shape,
                 norm.weight.double() if norm.weight is not None else None,
@@ -101,18 +117,32 @@ def _is_post_ln_block(module: nn.Module) -> bool:
             m.training = flag
 
 
-def patch_post_ln(model: nn.Module, *, residual_scale: str | float | None = None) -> list[str]:
+def patch_post_ln(model: nn.Module, *, residual_scale: str | float | None = None,
+                  report: PatchReport | None = None) -> list[str]:
     """Replace every BERT-style Post-LN block of ``model`` by a :class:`FusedPostLNOutput`, in place.
 
     residual_scale: None (plain residual add, the original computation), a Python float (constant,
     DeepNorm's alpha), "scalar" or "vector" (a learned Parameter ``LayerNorm.residual_scale`` of shape
     () or (N,), initialised to 1: Admin's omega; set it with :func:`fusednorm.admin_init`).
     Keeps the dense and LayerNorm Parameter objects (device, dtype, state_dict keys), the training mode
-    and the dropout probability. Returns the qualified names of the patched blocks.
+    and the dropout probability. Returns the qualified names of the patched blocks; ``report`` (a
+    :class:`PatchReport`) gets one record per block, and a one-line summary is logged.
     """
+    _check_residual_scale(residual_scale)
+    report = report if report is not None else PatchReport()
+    start = len(report.records)
+    patched = _patch_post_ln(model, residual_scale, report)
+    log_summary(f"patch_post_ln({type(model).__name__})", report, start)
+    return patched
+
+
+def _check_residual_scale(residual_scale) -> None:
     if not (residual_scale is None or residual_scale in ("scalar", "vector")
             or (isinstance(residual_scale, numbers.Real) and not isinstance(residual_scale, bool))):
         raise ValueError(f"residual_scale must be None, a float, 'scalar' or 'vector', got {residual_scale!r}")
+
+
+def _patch_post_ln(model: nn.Module, residual_scale, report: PatchReport) -> list[str]:
     patched: list[str] = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent._modules.items()):
@@ -133,11 +163,25 @@ def patch_post_ln(model: nn.Module, *, residual_scale: str | float | None = None
             block.train(child.training)
             parent._modules[name] = block
             patched.append(f"{parent_name}.{name}" if parent_name else name)
+            report.add(patched[-1], child, FUSED, f"Post-LN residual add + LayerNorm -> {type(block).__name__}")
     return patched
 
 
-def fuse_model(model: nn.Module, *, residual_scale: str | float | None = None) -> nn.Module:
-    """Patch the BERT-style Post-LN blocks (:func:`patch_post_ln`) and swap all other norms
-    (:func:`fusednorm.replace_norms`), in place. Returns ``model``."""
-    patch_post_ln(model, residual_scale=residual_scale)
-    return replace_norms(model)
+def fuse_model(model: nn.Module, *, residual_scale: str | float | None = None,
+               report: PatchReport | None = None) -> nn.Module:
+    """Fuse what fusednorm can fuse in a Hugging Face model, in place, and swap every other norm.
+
+    In order: the BERT-style Post-LN blocks (:func:`patch_post_ln`, with ``residual_scale``; the decoders'
+    Pre-LN adds take no scale), every norm (:func:`fusednorm.replace_norms`), then the LLaMA-family decoder
+    layers (``fusednorm.integrations.decoder``). Works on a model on the meta device too (nothing runs on
+    its weights). report: a :class:`PatchReport` to fill with every swapped, fused and left module (and why);
+    a one-line summary is logged on the "fusednorm" logger either way. Returns ``model``.
+    """
+    report = report if report is not None else PatchReport()
+    start = len(report.records)
+    _check_residual_scale(residual_scale)
+    _patch_post_ln(model, residual_scale, report)
+    model = swap_norms(model, report)
+    fuse_decoders(model, report)
+    log_summary(f"fuse_model({type(model).__name__})", report, start)
+    return model

@@ -2,9 +2,9 @@
 
 Flags: those of ``fusednorm.variant.Variant.triton_forward_flags`` (IS_RMS, HAS_RESIDUAL, SCALE_KIND
 (0: none, 1: host constant, 2: 0-d tensor, 3: (N,) tensor), HAS_DROPOUT, STORE_H, HAS_WEIGHT,
-HAS_BIAS), plus the launch's COMPUTE (tl.float32, or tl.float64 for float64 inputs), BLOCK_N (columns
-per block), ROWS (rows per tile: several for short rows), NUM_CHUNKS (column blocks per row: 1 = the
-whole row in registers), NUM_STAGES (prefetch depth of the one-pass row loop) and PARAMS_PER_ROW (the
+HAS_BIAS, STORE_STATS), plus the launch's COMPUTE (tl.float32, or tl.float64 for float64 inputs), BLOCK_N
+(columns per block), ROWS (rows per tile: several for short rows), NUM_CHUNKS (column blocks per row: 1 =
+the whole row in registers), NUM_STAGES (prefetch depth of the one-pass row loop) and PARAMS_PER_ROW (the
 (N,) parameters re-read per row rather than held); see heuristics.py. Host floats
 arrive as float64 bit words (``helpers.host_scalar``).
 
@@ -19,6 +19,9 @@ Rows up to 16384 columns take the one-pass path (the byte floor of DESIGN sectio
 with Chan's (count, mean, M2) update, then a second sweep that writes y, re-reading h from the h just
 written (STORE_H) or re-reading x and residual. Inputs are read twice, but the second sweep follows
 the first on the same row, so it mostly hits L2 (x and residual of a 65536-wide fp16 row are 256 KB).
+
+STORE_STATS (telemetry, DESIGN section 7) also writes a row of eight float32 statistics per row
+(``telemetry.py``), from the registers of the first sweep; off, none of its code is traced.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .helpers import (
     rounded_to,
     row_rstd,
 )
+from .telemetry import h_stats, merge_stats, pre_norm_moments, store_stats, zero_stats
 
 # Host floats are bit words: their values must not specialize (recompile) the kernels.
 HOST_WORDS = ["eps_hi", "eps_lo", "scale_hi", "scale_lo", "dropout_scale_hi", "dropout_scale_lo", "weight_offset_hi",
@@ -70,6 +74,7 @@ def _store_rounded_h(H, h, row, stride_h, cols, mask, COMPUTE: tl.constexpr):
 def _forward_kernel(
     X, R, W, B, S, SEED,  # x, residual: (M, N); weight, bias: (N,); residual_scale: () or (N,); seed: (1,) int64
     Y, H, MEAN, RSTD,  # y: (M, N) x's dtype; h: (M, N) h_dtype (STORE_H); mean, rstd: (M,) COMPUTE
+    STATS,  # (M, 8) float32 row statistics (STORE_STATS), else None
     stride_x, stride_r, stride_y, stride_h,  # row strides, in elements (columns are contiguous)
     M, N, rows_per_program,
     eps_hi, eps_lo, scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo,  # host floats (host_scalar)
@@ -78,7 +83,7 @@ def _forward_kernel(
     COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
     NUM_STAGES: tl.constexpr, PARAMS_PER_ROW: tl.constexpr, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_STATS: tl.constexpr,
 ):
     row_start = tl.program_id(0) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -114,10 +119,18 @@ def _forward_kernel(
             s_row = s
             if PARAMS_PER_ROW:
                 s_row = load_scale(S, cols, col_mask, scale, COMPUTE, SCALE_KIND)
-            h = _pre_norm_row(X, R, S, rows, cols, mask, N, stride_x, stride_r, seed, keep_threshold, dropout_scale,
-                              s_row, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
+            if STORE_STATS:  # the row statistics of a tile: reduced along its rows (TILE)
+                h, mean_f, m2_f, mean_r, m2_r = pre_norm_moments(
+                    X, R, rows, cols, mask, N, N, stride_x, stride_r, seed, keep_threshold, dropout_scale, s_row,
+                    COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, True)
+            else:
+                h = _pre_norm_row(X, R, S, rows, cols, mask, N, stride_x, stride_r, seed, keep_threshold,
+                                  dropout_scale, s_row, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
             if STORE_H:
                 h = _store_rounded_h(H, h, rows, stride_h, cols, mask, COMPUTE)
+            if STORE_STATS:
+                mean_h, m2_h, largest, nonfinite = h_stats(h, mask, N, COMPUTE, True)
+                store_stats(STATS, rows, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite, row_mask)
             if IS_RMS:
                 xhat = h  # times rstd below
                 var = divide(tl.sum(h * h, axis=1, keep_dims=True), N, COMPUTE)
@@ -146,14 +159,27 @@ def _forward_kernel(
             count = tl.zeros((), COMPUTE)
             mean = tl.zeros((), COMPUTE)
             m2 = tl.zeros((), COMPUTE)
+            if STORE_STATS:
+                seen, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite = zero_stats(COMPUTE)
             for chunk in range(NUM_CHUNKS):
                 cols = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
                 mask = cols < N
                 s = load_scale(S, cols, mask, scale, COMPUTE, SCALE_KIND)
-                h = _pre_norm_row(X, R, S, row, cols, mask, N, stride_x, stride_r, seed, keep_threshold,
-                                  dropout_scale, s, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
+                if STORE_STATS:
+                    chunk_count = tl.minimum(N - chunk * BLOCK_N, BLOCK_N).to(COMPUTE)
+                    h, c_mean_f, c_m2_f, c_mean_r, c_m2_r = pre_norm_moments(
+                        X, R, row, cols, mask, N, chunk_count, stride_x, stride_r, seed, keep_threshold, dropout_scale,
+                        s, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, False)
+                else:
+                    h = _pre_norm_row(X, R, S, row, cols, mask, N, stride_x, stride_r, seed, keep_threshold,
+                                      dropout_scale, s, COMPUTE, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT)
                 if STORE_H:
                     h = _store_rounded_h(H, h, row, stride_h, cols, mask, COMPUTE)
+                if STORE_STATS:
+                    c_mean_h, c_m2_h, c_largest, c_nonfinite = h_stats(h, mask, chunk_count, COMPUTE, False)
+                    seen, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite = merge_stats(
+                        seen, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite,
+                        chunk_count, c_mean_f, c_m2_f, c_mean_r, c_m2_r, c_mean_h, c_m2_h, c_largest, c_nonfinite)
                 if IS_RMS:
                     m2 += tl.sum(h * h, axis=0)
                 else:
@@ -163,6 +189,8 @@ def _forward_kernel(
                     count, mean, m2 = merge_moments(count, mean, m2, chunk_count, chunk_mean,
                                                     tl.sum(centered * centered, axis=0))
             rstd = row_rstd(divide(m2, N, COMPUTE), eps, COMPUTE)
+            if STORE_STATS:
+                store_stats(STATS, row, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite, None)
             if not IS_RMS:
                 tl.store(MEAN + row, mean)
             tl.store(RSTD + row, rstd)

@@ -82,8 +82,9 @@ CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (2
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
-# One-pass backward blocks this wide re-read the (N,) weight and scale per row when the scale is
-# learned (read by backward.py at import: a constexpr).
+# One-pass blocks this wide re-read the (N,) parameters per row (LaunchConfig.params_per_row, a launch
+# constexpr; read per call, so tests can lower them): the backward's when the scale is learned, the
+# forward's for heavy variants or two or more (N,) parameters.
 PARAMS_PER_ROW_BLOCK_N = 8192
 FORWARD_PARAMS_PER_ROW_BLOCK_N = 16384
 # The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6): chunks of 8192.
