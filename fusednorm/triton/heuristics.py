@@ -75,8 +75,8 @@ MAX_BLOCK_N_BACKWARD = 8192
 # 0-d scale's sum is taken chunk by chunk into one value) and whether the variant is heavy (``heavy``). Sized
 # by the sm_90 compile reports: the accumulators take band * sums / 512 registers per thread, the rest of the
 # row's work 50-100 of the 128.
-CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (2048, 4), (3, False): (1024, 4),
-                    (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 8), (3, True): (1024, 4)}
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (1024, 8), (3, False): (1024, 4),
+                    (0, True): (2048, 8), (1, True): (2048, 4), (2, True): (1024, 4), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
 # three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
 # (whose band then still covers the row: one pass over DRAM).
@@ -87,7 +87,8 @@ CHUNKED_BACKWARD_WARPS = 16
 # forward's for heavy variants or two or more (N,) parameters.
 PARAMS_PER_ROW_BLOCK_N = 8192
 FORWARD_PARAMS_PER_ROW_BLOCK_N = 16384
-# The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6): chunks of 8192.
+# The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6), with row statistics
+# 8 B (triton 3.8): chunks of 8192 for 32-bit x with dropout or statistics.
 FORWARD_MAX_BLOCK_N_WIDE_DROPOUT = 8192
 TILE_ELEMENTS = 4096
 MAX_TILE_ROWS = 16
@@ -137,6 +138,16 @@ def _vector_params(variant: Variant) -> int:
     return int(variant.has_weight) + int(variant.has_bias) + int(variant.scale_kind == ScaleKind.VECTOR)
 
 
+def _forward_params_per_row(block_n: int, variant: Variant, dtype: torch.dtype) -> bool:
+    """Whether a one-pass forward row re-reads its (N,) parameters per row instead of holding them."""
+    if block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N:  # 32 warps: at most 64 registers per thread
+        return heavy(variant, dtype) or _vector_params(variant) >= 2
+    # 32-bit x with dropout and two or three (N,) parameters spilled 64-68 B holding them at 8192 columns
+    # (16 warps: 128 registers per thread; triton 3.8).
+    wide_dropout = dtype.itemsize > 2 and variant.has_dropout and _vector_params(variant) >= 2
+    return wide_dropout and 2 * block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N
+
+
 def heavy(variant: Variant, dtype: torch.dtype) -> bool:
     """Whether a chunked backward row needs the narrower band of CHUNKED_BACKWARD: more registers per
     element (a Philox stream for dropout; float32/64 tensors) or four tensors re-read in sweep B (Pre-LN
@@ -152,7 +163,7 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
     block_n = triton.next_power_of_2(cols)
     variant = variant or Variant()
     cap = MAX_BLOCK_N
-    if not backward and dtype.itemsize > 2 and variant.has_dropout:
+    if not backward and dtype.itemsize > 2 and (variant.has_dropout or variant.store_stats):
         cap = min(MAX_BLOCK_N, FORWARD_MAX_BLOCK_N_WIDE_DROPOUT)  # 16 float32 values and Philox per thread
     if backward:
         light = column_sums(variant) < 3 and not heavy(variant, dtype)
@@ -195,7 +206,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
     rows_per_program = tiles_per_program * tile_rows
     params_per_row = num_chunks == 1 and (
         block_n >= PARAMS_PER_ROW_BLOCK_N and variant.learned_scale if backward
-        else block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N and (heavy(variant, dtype) or _vector_params(variant) >= 2))
+        else _forward_params_per_row(block_n, variant, dtype))
     stages = PREFETCH_STAGES if backward else 1  # the chunked backward's sweep A prefetches its chunks
     if num_chunks == 1:
         # Per-row parameter loads would be prefetched too (in their own dtype, maybe float32): none then.
