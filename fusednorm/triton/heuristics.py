@@ -18,8 +18,9 @@ elements / 512``, 1 to 32; rows of up to 1024 columns go ``TILE_ELEMENTS // BLOC
 [4, 1024], 8 warps), wider ones one per tile. Wider rows than 16384 take column chunks of 16384 (read
 twice, the second time right after the first, from L2). At 16384 columns (32 warps: at most 64
 registers per thread) a heavy variant or one with two or more (N,) parameters re-reads the parameters per
-row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread); 32-bit x with
-dropout takes chunks of 8192 from 16384 columns on. Programs:
+row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread), and so does 32-bit x
+with dropout and two or more (N,) parameters at 8192 columns; 32-bit x with dropout or row statistics
+takes chunks of 8192 from 16384 columns on. Programs:
 ``FORWARD_OVERSUBSCRIPTION`` x the reference chip's warp slots (the forward has no partials: more,
 smaller programs even out the waves on any chip).
 
@@ -40,9 +41,10 @@ smaller programs even out the waves on any chip).
   thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
   row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
   after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
-  The band is 16384 columns for the light variants with one (N,) column sum (rms_norm, add_rms_norm in
-  either layout), 8192 with two (layer_norm) or for heavy variants, 4096 with three (a learned (N,) scale
-  with weight and bias).
+  The band is 16384 columns with at most one (N,) column sum (rms_norm, add_rms_norm in either layout;
+  heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
+  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; 32-bit x with dropout
+  halves it): the widest bands that compiled without spills on triton 3.6 and 3.8.
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
 one float32 partial row per column sum; one fixed-order reduction kernel then sums the partials. The
