@@ -7,6 +7,8 @@
 #                                     # (builds for "8.0;9.0"; used for benchmarks/results/)
 #   .ci/build_cuda.sh --inplace ...   # build with `setup.py build_ext --inplace` instead of pip: the .so
 #                                     # lands in fusednorm/ and the Python environment is left as it is
+# Every build ends with the SASS report (benchmarks/cuda_sass_report.py): global load/store widths per
+# kernel, written to benchmarks/results/cuda_sass.{md,json}.
 #
 # Environment: CUDA_HOME (found below when unset: the real toolkit root, never the directory of an
 # nvcc wrapper script), TORCH_CUDA_ARCH_LIST (default 9.0 here; setup.py's own default is 8.0;9.0),
@@ -139,3 +141,6 @@ for arch in "${arches[@]}"; do
   fi
 done
 python -c "import fusednorm._C, torch; print('fusednorm._C loads:', fusednorm._C.__file__, [n for n in ('cuda_fwd', 'cuda_bwd', 'cuda_launch_config', 'cuda_variant_facts', 'cuda_keep_threshold', 'cuda_philox_r0') if hasattr(torch.ops.fusednorm, n)])"
+
+# SASS: global load/store widths per kernel (128-bit vectors for 16-bit outputs), regenerated every build.
+python benchmarks/cuda_sass_report.py --out benchmarks/results/cuda_sass

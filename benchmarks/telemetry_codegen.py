@@ -64,8 +64,15 @@ def emit(tree: str, stats: bool) -> list[dict]:
     for name, (flags, present) in VARIANTS.items():
         for dtype in DTYPES:
             for n in WIDTHS:
-                block_n, num_chunks, num_warps = heuristics.block_config(n, backward=False)
+                config = heuristics.block_config(n, backward=False)  # (block_n, chunks, warps[, tile rows, ...])
+                block_n, num_chunks, num_warps = config[:3]
                 constexprs = dict(flags, COMPUTE=tl.float32, BLOCK_N=block_n, NUM_CHUNKS=num_chunks)
+                # Launch constexprs of later revisions (tiles of rows, prefetch, per-row parameters): the
+                # heuristic's tile, without prefetch or per-row parameters.
+                for name, value in (("ROWS", config[3] if len(config) > 3 else 1), ("NUM_STAGES", 1),
+                                    ("PARAMS_PER_ROW", False)):
+                    if name in _forward_kernel.arg_names:
+                        constexprs[name] = value
                 tensors = set(present)
                 if "STORE_STATS" in _forward_kernel.arg_names:
                     constexprs["STORE_STATS"] = stats

@@ -9,9 +9,11 @@
 //
 // h is read (STORE_H: the forward stored it, and took its statistics of the stored rounded values)
 // or recomputed from x and residual exactly as the forward did (same pre_norm_sum, same mask).
-// Column sums: each (block, row group) accumulates its rows in registers and writes ONE partial row
-// (compute dtype) of a (partial_rows, N) buffer; column_sum_kernel then adds the partial rows in a
-// fixed order. No atomics, so the same inputs and grid give bit-identical gradients every run.
+// Column sums: each (block, row group) accumulates its rows in dynamic shared memory (one slot per
+// column sum, each thread its own cells: see partial_smem below) and writes ONE partial row (compute
+// dtype) of a (partial_rows, N) buffer; column_sum_kernel then adds the partial rows in a fixed order.
+// No atomics, and the grid is a pure function of the problem (backward_grid, fusednorm.h), so the same
+// inputs give bit-identical gradients every run and on every GPU.
 #pragma once
 
 #include "device_utils.cuh"
@@ -273,14 +275,11 @@ cudaError_t run_bwd(BwdParams& p, cudaStream_t stream, bool configure_only) {
   const auto kernel = bwd_kernel<V>;
   if (configure_only) {
     LaunchConfig cfg = p.launch;  // the block shape and shared memory (host.h); the grid follows
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(cfg.smem_bytes));
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(cfg.smem_bytes));
     if (err != cudaSuccess) return err;
-    int blocks_per_sm = 1;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, cfg.threads_per_row * cfg.rows_per_block,
-                                                        static_cast<size_t>(cfg.smem_bytes));
-    if (err != cudaSuccess) return err;
-    cfg.grid = choose_grid(p.rows, cfg.rows_per_block, p.num_sms, blocks_per_sm, /*backward=*/true);
+    // The partition of the rows (and so the gradients' bits) must not depend on this device.
+    cfg.grid = backward_grid(p.rows, cfg);
     p.launch = cfg;
     return cudaSuccess;
   }

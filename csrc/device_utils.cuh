@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -71,13 +72,41 @@ __device__ __forceinline__ void load_group(const U* row, int col, int cols, bool
   }
 }
 
+// One 16-byte global store. Written as PTX (as CUDA's own __stcs/__stcg are): copying a Pack of
+// __half / __nv_bfloat16 (user-provided assignment operators) compiled to 8 STG.E.U16 per group, and a
+// uint4 copy of its bytes to 4 st.global.v2.u16 in the kernels (nvcc 13; a lone test kernel kept the
+// v4). The "memory" clobber keeps later reads of the same row (the chunked forward re-reads h) after it.
+__device__ __forceinline__ void store_16_bytes(void* dst, const uint4& words) {
+#ifdef __CUDA_ARCH__
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(words.x), "r"(words.y), "r"(words.z),
+               "r"(words.w)
+               : "memory");
+#else
+  *static_cast<uint4*>(dst) = words;  // the CPU emulation (tests/test_cuda_emulated.py)
+#endif
+}
+
+// Stores a Pack (aligned to its size by the caller's proof, FwdParams::vectorized) in 16-byte words.
+template <typename U, int G>
+__device__ __forceinline__ void store_pack(U* dst, const Pack<U, G>& pack) {
+  constexpr int kBytes = static_cast<int>(sizeof(Pack<U, G>));
+  if constexpr (kBytes % 16 == 0) {
+    uint4 words[kBytes / 16];
+    memcpy(words, &pack, kBytes);
+#pragma unroll
+    for (int k = 0; k < kBytes / 16; ++k) store_16_bytes(reinterpret_cast<uint4*>(dst) + k, words[k]);
+  } else {
+    *reinterpret_cast<Pack<U, G>*>(dst) = pack;
+  }
+}
+
 template <typename U, int G, typename C>
 __device__ __forceinline__ void store_group(U* row, int col, int cols, bool vectorized, const C (&in)[G]) {
   if (vectorized && col + G <= cols) {
     Pack<U, G> pack;
 #pragma unroll
     for (int i = 0; i < G; ++i) pack.v[i] = from_compute<U>(in[i]);
-    *reinterpret_cast<Pack<U, G>*>(row + col) = pack;
+    store_pack<U, G>(row + col, pack);
   } else {
 #pragma unroll
     for (int i = 0; i < G; ++i) {

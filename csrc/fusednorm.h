@@ -139,8 +139,9 @@ constexpr int bwd_groups_per_thread(int elem_bytes) { return elem_bytes == 2 ? 2
 // ---------------------------------------------------------------------------------------------
 // Launch configuration. Pure host code (also exposed as torch.ops.fusednorm.cuda_launch_config so
 // that CPU-only CI can test it; its Python mirror is fusednorm.backends.cuda_impl.LaunchConfig). The
-// block shape depends on the row only (choose_block, host.h fills it into the params); the grid also
-// on the device's occupancy (choose_grid, in the launchers; the emulation uses a fixed one). The
+// block shape depends on the row only (choose_block, host.h fills it into the params); the forward's
+// grid also on the device's occupancy (choose_grid, in the launchers), the backward's on the problem
+// only (backward_grid). The
 // reasoning:
 // - a row is processed by a row group of threads_per_row threads (a power of two, 32..512); each
 //   thread holds groups_per_thread 128-bit groups of the row in registers, so a row of up to
@@ -153,10 +154,15 @@ constexpr int bwd_groups_per_thread(int elem_bytes) { return elem_bytes == 2 ? 2
 // - the backward's column partials live in shared memory (LaunchConfig::smem_bytes, at most
 //   3 slots * 512 threads * 16 elements * 4 bytes = 96 KiB per block), not in registers, which hold
 //   the row's xhat and g.
-// - the forward grid covers every row group once (capped; the kernel loops over rows); the
-//   backward grid is capped at one wave (num_sms * blocks_per_sm) because each (block, row group)
-//   writes one float32 partial row of the column sums: fewer, fuller partial rows keep the final
-//   fixed-order reduction small.
+// - the forward grid covers every row group once (capped; the kernel loops over rows), sized by the
+//   device's SMs and occupancy: rows are independent there, so the grid changes no bit.
+// - the backward's grid fixes its row partition: each (block, row group) writes one float32 partial row
+//   of the column sums, and column_sum_kernel adds them in a fixed order. So that dweight, dbias and
+//   dscale have the same bits on every GPU (DESIGN section 2), that grid is a pure function of (rows,
+//   cols, dtype, partial slots): two waves of a reference chip of kReferenceSms SMs (H100/H200 SXM) at
+//   the occupancy the block shape allows with up to 128 registers per thread (__launch_bounds__(512, 1))
+//   and its shared memory -- never the device's SM count or measured occupancy. A chip with other SM
+//   counts runs the same blocks in its own waves (108 SMs: 2.4 waves of work in 3).
 // ---------------------------------------------------------------------------------------------
 struct LaunchConfig {
   int threads_per_row = 32;
@@ -167,6 +173,12 @@ struct LaunchConfig {
   int64_t grid = 1;         // blocks
   int64_t smem_bytes = 0;   // dynamic shared memory per block (the backward's column partials)
 };
+
+constexpr int kReferenceSms = 132;
+constexpr int kBackwardWaves = 2;
+// sm_90 limits the reference occupancy is computed with.
+constexpr int kSmThreads = 2048, kSmRegisters = 65536, kMaxRegistersPerThread = 128;
+constexpr int64_t kSmSharedBytes = 228 * 1024, kBlockReservedSharedBytes = 1024;
 
 // The backward keeps `partial_slots` column-partial accumulators (dweight, dbias, dscale: 0..3) for
 // one chunk of each row group in shared memory, in the compute dtype (float64 for float64 x).
@@ -186,20 +198,42 @@ inline LaunchConfig choose_block(int64_t cols, int elem_bytes, bool backward, in
   return c;
 }
 
-// blocks_per_sm: the occupancy of the chosen block size (cudaOccupancyMaxActiveBlocksPerMultiprocessor).
-inline int64_t choose_grid(int64_t rows, int rows_per_block, int num_sms, int blocks_per_sm, bool backward) {
+// The forward: blocks_per_sm is the occupancy of the chosen block size on this device
+// (cudaOccupancyMaxActiveBlocksPerMultiprocessor).
+inline int64_t choose_grid(int64_t rows, int rows_per_block, int num_sms, int blocks_per_sm) {
   const int64_t needed = (rows + rows_per_block - 1) / rows_per_block;
   const int64_t wave = int64_t(num_sms > 0 ? num_sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
   // The forward loops over rows too; 32 waves bounds the grid without costing parallelism.
-  const int64_t cap = backward ? wave : wave * 32;
+  const int64_t cap = wave * 32;
   const int64_t grid = needed < cap ? needed : cap;
   return grid > 0 ? grid : 1;
 }
 
+// Blocks of this shape that fit one reference SM: threads, registers (the launch bounds' worst case)
+// and shared memory (the backward's partials).
+inline int64_t reference_blocks_per_sm(const LaunchConfig& c) {
+  const int64_t threads = int64_t(c.threads_per_row) * c.rows_per_block;
+  int64_t blocks = kSmThreads / threads;
+  const int64_t by_registers = kSmRegisters / (threads * kMaxRegistersPerThread);
+  const int64_t by_smem = kSmSharedBytes / (c.smem_bytes + kBlockReservedSharedBytes);
+  blocks = blocks < by_registers ? blocks : by_registers;
+  blocks = blocks < by_smem ? blocks : by_smem;
+  return blocks > 1 ? blocks : 1;
+}
+
+// The backward: a pure function of the problem and the block shape (see above), whatever the device.
+inline int64_t backward_grid(int64_t rows, const LaunchConfig& c) {
+  const int64_t needed = (rows + c.rows_per_block - 1) / c.rows_per_block;
+  const int64_t cap = int64_t(kBackwardWaves) * kReferenceSms * reference_blocks_per_sm(c);
+  const int64_t grid = needed < cap ? needed : cap;
+  return grid > 0 ? grid : 1;
+}
+
+// num_sms and blocks_per_sm size the forward's grid only.
 inline LaunchConfig choose_launch(int64_t rows, int64_t cols, int elem_bytes, int num_sms, int blocks_per_sm,
                                   bool backward, int partial_slots = 0) {
   LaunchConfig c = choose_block(cols, elem_bytes, backward, partial_slots);
-  c.grid = choose_grid(rows, c.rows_per_block, num_sms, blocks_per_sm, backward);
+  c.grid = backward ? backward_grid(rows, c) : choose_grid(rows, c.rows_per_block, num_sms, blocks_per_sm);
   return c;
 }
 

@@ -177,7 +177,7 @@ cudaError_t run_fwd(FwdParams& p, cudaStream_t stream) {
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &blocks_per_sm, kernel, cfg.threads_per_row * cfg.rows_per_block, 0);
   if (err != cudaSuccess) return err;
-  cfg.grid = choose_grid(p.rows, cfg.rows_per_block, p.num_sms, blocks_per_sm, /*backward=*/false);
+  cfg.grid = choose_grid(p.rows, cfg.rows_per_block, p.num_sms, blocks_per_sm);
   p.launch = cfg;
   kernel<<<dim3(static_cast<unsigned>(cfg.grid)), dim3(cfg.threads_per_row, cfg.rows_per_block), 0, stream>>>(p);
   return cudaGetLastError();

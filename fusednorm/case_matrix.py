@@ -129,8 +129,9 @@ def chunked() -> list[Case]:
 
 
 def params_per_row() -> list[Case]:
-    """Triton's backward path for wide rows with a learned scale (weight and scale re-read per row), forced
-    on at N = 37: the learned-scale variants with the default parameters and without float32 flags."""
+    """Triton's paths for wide rows that re-read the parameters per row (the backward's with a learned
+    scale, the forward's with two or more (N,) parameters or a heavy variant), forced on at N = 37: the
+    learned-scale variants with the default parameters and without float32 flags."""
     keep = _where(lambda v: v.learned_scale and default_affine(v) and not float32_flags(v))
     return list(cases_of(keep, ((F32, None), (BF16, None)), (37,), one_dtype=True))
 

@@ -6,8 +6,8 @@ Backends (each with its matrix from ``fusednorm.case_matrix``, where the pruning
 - "torch": the whole variant matrix (``case_matrix.full``);
 - "triton": under the Triton interpreter (no GPU) the pruned ``case_matrix.interpreted``, on a GPU the
   whole matrix and wide rows, many rows and float64 (``case_matrix.gpu``); "triton-chunked" (block cap
-  lowered to 16 columns: rows wider than one block) and "triton-params-per-row" (the wide learned-scale
-  backward path forced on at N = 37) add their own;
+  lowered to 16 columns: rows wider than one block) and "triton-params-per-row" (the wide rows' paths that
+  re-read the parameters per row, forced on at N = 37) add their own;
 - "cuda": the compiled extension, on a GPU only (marked gpu; skipped where it is not built), ``case_matrix.gpu``;
 - "cuda-emulated": backend="cuda" running the CPU emulation of the CUDA kernels on CPU tensors
   (tests/_cuda_emulation.py; skipped while that module is absent), ``case_matrix.emulated``.
@@ -48,11 +48,11 @@ def _lower_block_cap(monkeypatch):
 
 
 def _params_per_row_from_16_columns(monkeypatch):
-    import triton.language as tl
+    from fusednorm.triton import heuristics
 
-    from fusednorm.triton import backward
-
-    monkeypatch.setattr(backward, "_PARAMS_PER_ROW_BLOCK_N", tl.constexpr(16))
+    # launch_config reads these per call: the forward's and the backward's per-row parameter paths.
+    monkeypatch.setattr(heuristics, "PARAMS_PER_ROW_BLOCK_N", 16)
+    monkeypatch.setattr(heuristics, "FORWARD_PARAMS_PER_ROW_BLOCK_N", 16)
 
 
 def _emulate_cuda(monkeypatch):

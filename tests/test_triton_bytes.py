@@ -1,12 +1,22 @@
-"""Byte-count proof that the Triton kernels are one pass (DESIGN section 5), on the CPU.
+"""What the Triton kernels move through memory, counted in the interpreter (DESIGN section 5).
 
-The Triton interpreter performs every tl.load / tl.store through two builder methods; the test
-wraps them and adds up the masked-in bytes, attributed to the kernel argument whose tensor holds
-the address. For each variant, with 16-bit tensors, the bytes per element of the (M, N) tensors
-must equal DESIGN section 5's row exactly (each listed tensor read or written once, nothing else
-of size M x N touched); per-row statistics are M values; the (N,) parameters are read at most
-once per program (on the GPU these re-reads hit L2, not DRAM); the backward's column partial sums
-are one (num_programs, N) float32 row per program. A kernel that re-read x would fail.
+The interpreter performs every tl.load / tl.store through two builder methods; ``Traffic`` wraps them
+and records each masked-in access with the program that made it, attributed to the kernel argument
+whose tensor holds the address (and to its row and column for (M, N) tensors). Three claims:
+
+- **Bytes.** For every distinct byte signature of ``fusednorm.variant.all_variants()`` (the (M, N)
+  tensors each direction reads and writes, with their dtypes), each (M, N) tensor of
+  ``Variant.row_tensors`` is read or written exactly once, and the total per element is
+  ``Variant.bytes_per_element``; nothing else of size M x N is touched. Per-row statistics are M values,
+  the (N,) parameters are read at most once per program (L1/L2 hits on the GPU). The backward's column
+  partials are counted: one float32 row per program and column sum (one value for a 0-d scale), read
+  back once by ONE reduction launch that writes every parameter gradient in its own dtype.
+- **Access order** (rows wider than one block, processed in column chunks): every element read twice is
+  read the second time before the program touches any other row -- at most its own row group (one row)
+  in between -- so that the re-read hits L2. Rows wider than one band (the column accumulators of one
+  band stay in registers) re-read the later bands' columns after the program's other rows: counted.
+- **DRAM bytes implied**: first reads and every write count, re-reads within the row group do not;
+  that must equal the byte floor, plus the partials, plus the counted late re-reads of wide rows.
 """
 
 from __future__ import annotations
@@ -18,32 +28,36 @@ import numpy as np
 import pytest
 import torch
 
-import fusednorm
+from fusednorm.variant import ScaleKind, Variant, all_variants
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-import fusednorm.triton as triton_backend  # noqa: E402
+from fusednorm.backends import triton_impl  # noqa: E402
+from fusednorm.backends.contract import BackwardArgs, ForwardArgs  # noqa: E402
 from fusednorm.triton import heuristics  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="counts bytes in the Triton interpreter (CPU)")
-
 interpreter = pytest.importorskip("triton.runtime.interpreter")
-M, N = 6, 64
+
+# Kernel argument of each (M, N) tensor of Variant.row_tensors.
+ARGUMENT = {"x": "X", "residual": "R", "h": "H", "y": "Y", "dy": "DY", "dh_in": "DH_IN", "dx": "DX", "dresidual": "DR"}
+KERNELS = ("_forward_kernel", "_backward_kernel", "_reduce_partials_kernel")
+PARTIALS = {"DW_PARTIAL": "DW", "DB_PARTIAL": "DB", "DS_PARTIAL": "DS"}
 
 
 class Traffic:
-    """Bytes read and written per kernel argument, for every launch of the wrapped kernels."""
+    """Every masked-in access of the wrapped kernels' launches, with the program that made it."""
 
     def __init__(self):
-        self.launches: list[dict] = []  # one per launch: {"kernel", "args": {name: tensor}, "read", "written"}
-        self._accesses: list[tuple[str, np.ndarray, int]] = []
+        self.launches: list[dict] = []
+        self._accesses: list[tuple] = []
 
-    def _record(self, kind, ptrs, mask):
+    def _record(self, builder, kind, ptrs, mask):
         addresses = np.broadcast_to(ptrs.data, np.shape(ptrs.data))
         keep = np.broadcast_to(mask.data, addresses.shape)
         size = ptrs.get_element_ty().primitive_bitwidth // 8
-        self._accesses.append((kind, addresses[keep].astype(np.uint64), size))
+        self._accesses.append((kind, builder.grid_idx[0], addresses[keep].astype(np.uint64).ravel(), size))
 
     @contextlib.contextmanager
     def counting(self, monkeypatch):
@@ -51,17 +65,17 @@ class Traffic:
         real_load, real_store = builder.create_masked_load, builder.create_masked_store
 
         def load(builder_self, ptrs, mask, *args):
-            self._record("read", ptrs, mask)
+            self._record(builder_self, "read", ptrs, mask)
             return real_load(builder_self, ptrs, mask, *args)
 
         def store(builder_self, ptrs, value, mask, *args):
-            self._record("written", ptrs, mask)
+            self._record(builder_self, "written", ptrs, mask)
             return real_store(builder_self, ptrs, value, mask, *args)
 
         monkeypatch.setattr(builder, "create_masked_load", load)
         monkeypatch.setattr(builder, "create_masked_store", store)
-        for attr in ("_forward_kernel", "_backward_kernel"):
-            monkeypatch.setattr(triton_backend, attr, self._wrap(getattr(triton_backend, attr)))
+        for name in KERNELS:
+            monkeypatch.setattr(triton_impl, name, self._wrap(getattr(triton_impl, name)))
         yield self
 
     def _wrap(self, kernel):
@@ -70,147 +84,228 @@ class Traffic:
         class Launcher:
             def __getitem__(self, grid):
                 def launch(*args, **kwargs):
-                    named = dict(zip(kernel.arg_names, args, strict=False))
                     traffic._accesses = []
                     kernel[grid](*args, **kwargs)
-                    traffic.launches.append(traffic._attribute(kernel.fn.__name__, named, grid[0]))
+                    named = dict(zip(kernel.arg_names, args, strict=False))
+                    traffic.launches.append(traffic._attribute(kernel.fn.__name__, named, grid[0], kwargs))
                 return launch
 
         return Launcher()
 
-    def _attribute(self, kernel_name, named, programs):
+    def _attribute(self, kernel_name, named, programs, constexprs):
+        """Per access: the argument, and for 2-D tensors the row and column, of each address."""
         tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
-        ranges = {k: (t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for k, t in tensors.items()}
-        result = {"kernel": kernel_name, "args": tensors, "programs": programs,
-                  "read": defaultdict(int), "written": defaultdict(int)}
-        for kind, addresses, size in self._accesses:
+        result = dict(kernel=kernel_name, args=tensors, programs=programs, constexprs=constexprs,
+                      read=defaultdict(int), written=defaultdict(int), trace=[])
+        for kind, program, addresses, size in self._accesses:
             owner = np.full(addresses.shape, "", dtype=object)
-            for name, (lo, hi) in ranges.items():
-                owner[(addresses >= lo) & (addresses < hi)] = name
-            assert (owner != "").all(), f"{kernel_name}: access outside every argument"
+            rows = np.full(addresses.shape, -1, dtype=np.int64)
+            cols = np.full(addresses.shape, -1, dtype=np.int64)
+            for name, t in tensors.items():
+                lo = t.data_ptr()
+                inside = (addresses >= lo) & (addresses < lo + t.untyped_storage().nbytes())
+                owner[inside] = name
+                if t.dim() == 2:
+                    offset = (addresses[inside] - lo).astype(np.int64) // t.element_size()
+                    rows[inside], cols[inside] = offset // t.stride(0), offset % t.stride(0)
+            assert (owner != "").all(), f"{kernel_name}: an access outside every argument"
             for name in set(owner):
                 result[kind][name] += int((owner == name).sum()) * size
+            result["trace"].append((kind, program, owner, rows, cols))
         return result
 
 
-ROW_TENSORS = {"X", "R", "Y", "H", "DY", "DH_IN", "DX", "DR"}
-STATS = {"MEAN", "RSTD"}
-PARAMS = {"W", "B", "S"}
-PARTIALS = {"DW_PARTIAL", "DB_PARTIAL", "DS_PARTIAL"}
+def _inputs(variant: Variant, dtype: torch.dtype, m: int, n: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
 
-# DESIGN section 5 per variant (16-bit tensors): the (M, N) tensors read / written by each kernel.
-VARIANTS = {
-    "layer_norm": (dict(op="layer_norm"), ({"X"}, {"Y"}), ({"DY", "X"}, {"DX"}), 4, 6),
-    "rms_norm": (dict(op="rms_norm"), ({"X"}, {"Y"}), ({"DY", "X"}, {"DX"}), 4, 6),
-    "post_ln_no_scale": (dict(op="add_layer_norm"), ({"X", "R"}, {"Y", "H"}), ({"DY", "H"}, {"DX"}), 8, 6),
-    "post_ln_learned_vector": (dict(op="add_layer_norm", scale="vector"), ({"X", "R"}, {"Y"}),
-                               ({"DY", "X", "R"}, {"DX", "DR"}), 6, 10),
-    "post_ln_learned_scalar_rms": (dict(op="add_rms_norm", scale="scalar"), ({"X", "R"}, {"Y"}),
-                                   ({"DY", "X", "R"}, {"DX", "DR"}), 6, 10),
-    "pre_ln": (dict(op="add_rms_norm", prenorm=True), ({"X", "R"}, {"Y", "H"}), ({"DY", "DH_IN", "H"}, {"DX"}), 8, 8),
-    # A learned scale in the Pre-LN layout adds one read of the residual (for dscale).
-    "pre_ln_learned_vector": (dict(op="add_layer_norm", prenorm=True, scale="vector"), ({"X", "R"}, {"Y", "H"}),
-                              ({"DY", "DH_IN", "H", "R"}, {"DX", "DR"}), 8, 12),
-    # Dropout reads and writes no mask; dresidual = dh now differs from dx = dh * mask / (1 - p),
-    # so it is written (the only extra bytes: a second gradient that exists).
-    "post_ln_dropout": (dict(op="add_layer_norm", dropout_p=0.25), ({"X", "R"}, {"Y", "H"}),
-                        ({"DY", "H"}, {"DX", "DR"}), 8, 8),
-    # A constant scale (DeepNorm): dresidual = dh * alpha, also a distinct gradient.
-    "post_ln_constant_scale": (dict(op="add_layer_norm", scale=0.7), ({"X", "R"}, {"Y", "H"}),
-                               ({"DY", "H"}, {"DX", "DR"}), 8, 8),
-}
+    def randn(*shape, dt=dtype, offset=0.0):
+        return (torch.randn(*shape, generator=gen) + offset).to(dt)
+
+    scale = {ScaleKind.VECTOR: torch.rand(n, generator=gen).to(dtype) + 0.5,
+             ScaleKind.SCALAR: torch.rand((), generator=gen).to(dtype) + 0.5}.get(variant.scale_kind)
+    p = 0.25 if variant.has_dropout else 0.0
+    common = dict(weight=randn(n) if variant.has_weight else None, residual_scale=scale,
+                  seed=torch.tensor([1234567], dtype=torch.int64) if variant.has_dropout else None,
+                  scale_value=0.7 if variant.scale_kind == ScaleKind.CONSTANT else 1.0, dropout_p=p)
+    x = randn(m, n, offset=1.0)
+    residual = randn(m, n, dt=variant.residual_dtype(dtype)) if variant.has_residual else None
+    return x, residual, randn(n) if variant.has_bias else None, common, randn
 
 
-def _run(spec: dict, dtype=torch.float16):
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(M, N, generator=gen) + 1).to(dtype).requires_grad_(True)
-    residual = torch.randn(M, N, generator=gen).to(dtype).requires_grad_(True)
-    weight = torch.randn(N, generator=gen).to(dtype).requires_grad_(True)
-    bias = torch.randn(N, generator=gen).to(dtype).requires_grad_(True)
-    scale = spec.get("scale")
-    if scale == "vector":
-        scale = torch.rand(N, generator=gen).to(dtype).requires_grad_(True)
-    elif scale == "scalar":
-        scale = torch.rand((), generator=gen).to(dtype).requires_grad_(True)
-    op = spec["op"]
-    if op == "layer_norm":
-        out = fusednorm.layer_norm(x, weight, bias, backend="triton")
-    elif op == "rms_norm":
-        out = fusednorm.rms_norm(x, weight, backend="triton")
-    else:
-        fn = fusednorm.add_layer_norm if op == "add_layer_norm" else fusednorm.add_rms_norm
-        args = (x, residual, weight, bias) if op == "add_layer_norm" else (x, residual, weight)
-        out = fn(*args, residual_scale=scale, dropout_p=spec.get("dropout_p", 0.0),
-                 prenorm=spec.get("prenorm", False), backend="triton")
-    outs = out if isinstance(out, tuple) else (out,)
-    torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+def run_variant(variant: Variant, dtype: torch.dtype, m: int, n: int) -> None:
+    """One forward and one backward of ``variant`` on the triton backend (with dh_in when prenorm)."""
+    x, residual, bias, common, randn = _inputs(variant, dtype, m, n)
+    out = triton_impl.forward(variant, ForwardArgs(x=x, residual=residual, bias=bias, **common))
+    triton_impl.backward(variant, BackwardArgs(
+        dy=randn(m, n), mean=out.mean, rstd=out.rstd,
+        dh_in=randn(m, n, dt=variant.h_dtype(dtype)) if variant.prenorm else None,
+        x=None if variant.store_h else x, h=out.h if variant.store_h else None,
+        residual=residual if not variant.store_h or variant.learned_scale else None,
+        bias_dtype=dtype if variant.has_bias else None, **common))
 
 
-def _per_element(launch) -> tuple[dict, dict]:
-    """Bytes per element of the (M, N) tensors, read and written, by argument."""
-    return ({k: v / (M * N) for k, v in launch["read"].items() if k in ROW_TENSORS},
-            {k: v / (M * N) for k, v in launch["written"].items() if k in ROW_TENSORS})
+def byte_signatures() -> dict[tuple, Variant]:
+    """One variant per distinct (M, N) traffic of all_variants(): the row tensors of both directions and
+    their dtypes; of each group the variant with the most column sums (then dropout), so that every kind
+    of partial is counted."""
+    groups: dict[tuple, Variant] = {}
+    for v in all_variants():
+        names = v.row_tensors("fwd")[0] + v.row_tensors("fwd")[1] + v.row_tensors("bwd")[0] + v.row_tensors("bwd")[1]
+        key = (v.row_tensors("fwd"), v.row_tensors("bwd"), tuple(v.itemsize(t, torch.float16) for t in names))
+        rank = (heuristics.column_sums(v), v.has_dropout, v.scale_kind == ScaleKind.SCALAR)
+        best = groups.get(key)
+        if best is None or rank > (heuristics.column_sums(best), best.has_dropout, best.scale_kind == ScaleKind.SCALAR):
+            groups[key] = v
+    return groups
 
 
-def _check_side_traffic(launch) -> None:
-    programs, args = launch["programs"], launch["args"]
-    for name in STATS & set(args):
-        for kind in ("read", "written"):
-            assert launch[kind].get(name, 0) in (0, M * args[name].element_size()), (name, kind)
-    for name in PARAMS & set(args):
-        assert launch["written"].get(name, 0) == 0
-        assert launch["read"].get(name, 0) <= programs * args[name].numel() * args[name].element_size(), name
-    for name in PARTIALS & set(args):
-        assert launch["read"].get(name, 0) == 0
-        assert launch["written"][name] == programs * N * 4, name  # one float32 row per program
+SIGNATURES = list(byte_signatures().values())
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_bytes_per_element_equal_design_floor(variant, monkeypatch):
-    spec, (fwd_reads, fwd_writes), (bwd_reads, bwd_writes), fwd_bytes, bwd_bytes = VARIANTS[variant]
+def _per_element(launch, m, n) -> tuple[dict, dict]:
+    names = set(ARGUMENT.values())
+    return ({k: v / (m * n) for k, v in launch["read"].items() if k in names},
+            {k: v / (m * n) for k, v in launch["written"].items() if k in names})
+
+
+def _expected(variant: Variant, direction: str, dtype) -> tuple[dict, dict]:
+    reads, writes = variant.row_tensors(direction)
+    return ({ARGUMENT[t]: float(variant.itemsize(t, dtype)) for t in reads},
+            {ARGUMENT[t]: float(variant.itemsize(t, dtype)) for t in writes})
+
+
+def _check_side_traffic(forward, backward, reduce, variant: Variant, m: int, n: int) -> int:
+    """Statistics, parameters, partials; returns the partial bytes (written + read back)."""
+    for launch in (forward, backward):
+        for name in {"MEAN", "RSTD"} & set(launch["args"]):
+            size = launch["args"][name].element_size()
+            assert launch["written" if launch is forward else "read"].get(name, 0) == m * size, name
+        for name in {"W", "B", "S"} & set(launch["args"]):
+            t = launch["args"][name]
+            assert launch["written"].get(name, 0) == 0
+            assert launch["read"].get(name, 0) <= launch["programs"] * t.numel() * t.element_size(), name
+    partial_bytes = 0
+    programs = backward["programs"]
+    for partial, grad in PARTIALS.items():
+        if partial not in backward["args"]:
+            assert reduce is None or grad not in reduce["args"]
+            continue
+        per_program = 1 if backward["args"][partial].dim() == 1 else n
+        expected = programs * per_program * 4
+        assert backward["written"][partial] == expected and backward["read"].get(partial, 0) == 0, partial
+        assert reduce["read"][partial] == expected, partial  # read back once, by the one reduction
+        out = reduce["args"][grad]
+        assert reduce["written"][grad] == out.numel() * out.element_size(), grad  # in the parameter's dtype
+        partial_bytes += 2 * expected
+    if variant.scale_kind == ScaleKind.SCALAR:
+        assert backward["args"]["DS_PARTIAL"].shape == (programs,)  # the program's sum over its columns too
+    return partial_bytes
+
+
+@pytest.mark.parametrize("variant", SIGNATURES, ids=[v.name for v in SIGNATURES])
+def test_bytes_per_element_equal_the_variant_floor(variant, monkeypatch):
+    m, n, dtype = 40, 64, torch.float16  # tiles of 16 rows x 64 columns: 3 programs, 3 partial rows
     traffic = Traffic()
     with traffic.counting(monkeypatch):
-        _run(spec)
-    forward, backward = traffic.launches
-    assert forward["kernel"] == "_forward_kernel" and backward["kernel"] == "_backward_kernel"
-    for launch, reads, writes, total in ((forward, fwd_reads, fwd_writes, fwd_bytes),
-                                         (backward, bwd_reads, bwd_writes, bwd_bytes)):
-        read, written = _per_element(launch)
-        # Each listed tensor exactly once, 2 bytes per element; nothing else of size (M, N).
-        assert read == dict.fromkeys(reads, 2.0), (launch["kernel"], read)
-        assert written == dict.fromkeys(writes, 2.0), (launch["kernel"], written)
-        assert sum(read.values()) + sum(written.values()) == total
-        _check_side_traffic(launch)
+        run_variant(variant, dtype, m, n)
+    forward, backward, *rest = traffic.launches
+    reduce = rest[0] if rest else None
+    assert [launch["kernel"] for launch in traffic.launches] == list(KERNELS[:2 + bool(rest)])
+    assert (reduce is not None) == (variant.has_weight or variant.has_bias or variant.learned_scale)
+    for launch, direction in ((forward, "fwd"), (backward, "bwd")):
+        assert _per_element(launch, m, n) == _expected(variant, direction, dtype), (direction, launch["kernel"])
+        read, written = _per_element(launch, m, n)
+        assert sum(read.values()) + sum(written.values()) == variant.bytes_per_element(direction, dtype)
+    partial_bytes = _check_side_traffic(forward, backward, reduce, variant, m, n)
+    assert backward["programs"] == heuristics.launch_config(m, n, backward=True, variant=variant,
+                                                            dtype=dtype).num_programs == 3
+    # The partials: one float32 row per program and column sum, written once and read once.
+    assert partial_bytes == 2 * 4 * 3 * (n * (variant.has_weight + variant.has_bias
+                                              + (variant.scale_kind == ScaleKind.VECTOR))
+                                         + (variant.scale_kind == ScaleKind.SCALAR))
 
 
-def test_float32_residual_stream_counts_four_bytes(monkeypatch):
-    """Pre-LN with residual_in_fp32: the residual and h are float32, x, y, dy, dx 16-bit."""
-    traffic = Traffic()
-    with traffic.counting(monkeypatch):
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(M, N, generator=gen).to(torch.bfloat16).requires_grad_(True)
-        residual = torch.randn(M, N, generator=gen).requires_grad_(True)
-        weight = torch.randn(N, generator=gen).requires_grad_(True)
-        y, h = fusednorm.add_rms_norm(x, residual, weight, prenorm=True, residual_in_fp32=True, backend="triton")
-        torch.autograd.backward((y, h), (torch.randn_like(y), torch.randn_like(h)))
-    forward, backward = traffic.launches
-    assert _per_element(forward) == ({"X": 2.0, "R": 4.0}, {"Y": 2.0, "H": 4.0})
-    assert _per_element(backward) == ({"DY": 2.0, "DH_IN": 4.0, "H": 4.0}, {"DX": 2.0, "DR": 4.0})
+def _reads_in_order(launch, name):
+    """(program, position in the program's access sequence, row, col) of every read of tensor ``name``,
+    and the rows each program touched at each position (any (M, N) tensor, read or written)."""
+    reads, touched = [], defaultdict(list)
+    position = defaultdict(int)
+    row_tensors = set(ARGUMENT.values())
+    for kind, program, owner, rows, cols in launch["trace"]:
+        pos = position[program]
+        position[program] += 1
+        in_rows = np.isin(owner, list(row_tensors))
+        touched[program].append(set(np.unique(rows[in_rows]).tolist()))
+        if kind == "read":
+            mine = owner == name
+            reads += [(program, pos, r, c) for r, c in zip(rows[mine].tolist(), cols[mine].tolist(), strict=True)]
+    return reads, touched
 
 
-def test_chunked_rows_read_inputs_twice(monkeypatch):
-    """Rows wider than one block (documented in kernels.py): statistics, then outputs, so inputs twice."""
+def _late_rereads(launch, name) -> tuple[int, int]:
+    """(re-reads, re-reads after another row was touched in between) of tensor ``name`` in one launch;
+    asserts that no element is read three times, nor by two programs."""
+    reads, touched = _reads_in_order(launch, name)
+    first: dict[tuple, tuple] = {}
+    done: set[tuple] = set()
+    rereads = late = 0
+    for program, pos, row, col in reads:
+        key = (row, col)
+        assert key not in done, f"{name}[{row}, {col}] read three times"
+        if key not in first:
+            first[key] = (program, pos)
+            continue
+        first_program, first_pos = first.pop(key)
+        done.add(key)
+        assert first_program == program, f"{name}[{row}, {col}] read by two programs"
+        rereads += 1
+        between = set().union(set(), *touched[program][first_pos + 1:pos])
+        late += bool(between - {row})
+    return rereads, late
+
+
+CHUNKED = [Variant(has_bias=True), Variant(is_rms=True, has_residual=True, prenorm=True),
+           Variant(has_residual=True, scale_kind=ScaleKind.VECTOR, has_bias=True, has_dropout=True),
+           Variant(has_residual=True, scale_kind=ScaleKind.SCALAR, prenorm=True, residual_f32=True, h_f32=True)]
+
+
+@pytest.mark.parametrize("variant", CHUNKED, ids=[v.name for v in CHUNKED])
+def test_chunked_rows_reread_within_the_row_and_count_dram_bytes(variant, monkeypatch):
+    """Rows of several chunks in one band: the second read of every element follows the first within
+    its row, so the DRAM bytes are the floor. Rows one chunk wider than a band: the second band's columns
+    are re-read after the program's other rows: (N - band) / N of the re-read inputs more. (Block cap
+    lowered to 16 columns; one SM's worth of programs, so that each program holds several rows.)"""
     monkeypatch.setattr(heuristics, "MAX_BLOCK_N", 16)
+    monkeypatch.setattr(heuristics, "REFERENCE_SMS", 1)
+    dtype, m = torch.bfloat16, 5
+    band = 16 * heuristics.launch_config(m, 100, backward=True, variant=variant, dtype=dtype).band_chunks
+    widths = (band - 3, band + 5)
     traffic = Traffic()
     with traffic.counting(monkeypatch):
-        _run(dict(op="add_layer_norm"))
-        _run(dict(op="add_layer_norm", prenorm=True, scale="vector"))
-    forward, backward, forward_pre, backward_pre = traffic.launches
-    assert _per_element(forward) == ({"X": 2.0, "R": 2.0, "H": 2.0}, {"Y": 2.0, "H": 2.0})
-    assert _per_element(backward) == ({"DY": 4.0, "H": 4.0}, {"DX": 2.0})
-    # dh_in and the residual (for dscale only) are needed in the second sweep alone: read once.
-    assert _per_element(forward_pre) == ({"X": 2.0, "R": 2.0, "H": 2.0}, {"Y": 2.0, "H": 2.0})
-    assert _per_element(backward_pre) == ({"DY": 4.0, "H": 4.0, "DH_IN": 2.0, "R": 2.0}, {"DX": 2.0, "DR": 2.0})
+        for n in widths:
+            run_variant(variant, dtype, m, n)
+    backwards = [launch for launch in traffic.launches if launch["kernel"] == "_backward_kernel"]
+    for n, backward in zip(widths, backwards, strict=True):
+        cfg = heuristics.launch_config(m, n, backward=True, variant=variant, dtype=dtype)
+        assert cfg.block_n == 16 and cfg.num_chunks > 1 and cfg.num_bands == (1 if n <= band else 2)
+        assert cfg.num_programs == backward["programs"] == 2 and cfg.rows_per_program == 3
+        reads, writes = variant.row_tensors("bwd")
+        dram = 0.0
+        for tensor in reads:
+            name, size = ARGUMENT[tensor], variant.itemsize(tensor, dtype)
+            rereads, late = _late_rereads(backward, name)
+            # Read twice: what sweep A needs for the row sums; once: dh_in, and a residual for dscale only.
+            twice = tensor in ("dy", "h", "x") or (tensor == "residual" and not variant.store_h)
+            assert backward["read"][name] == (2 if twice else 1) * m * n * size, (n, tensor)
+            assert rereads == (m * n if twice else 0), (n, tensor)
+            assert late == (m * (n - band) if twice and n > band else 0), (n, tensor, late)
+            dram += (m * n + late) * size  # first reads, and re-reads after another row
+        for tensor in writes:
+            assert backward["written"][ARGUMENT[tensor]] == m * n * variant.itemsize(tensor, dtype)
+            dram += m * n * variant.itemsize(tensor, dtype)
+        twice = [t for t in reads if t in ("dy", "h", "x") or (t == "residual" and not variant.store_h)]
+        extra = sum(variant.itemsize(t, dtype) for t in twice) * max(0, n - band) / n
+        assert dram / (m * n) == pytest.approx(variant.bytes_per_element("bwd", dtype) + extra)
 
 
 @triton.jit
@@ -227,5 +322,16 @@ def test_counter_sees_a_second_read(monkeypatch):
     with traffic.counting(monkeypatch):
         traffic._accesses = []
         _reads_twice[(1,)](x, y, 10, BLOCK=16)
-        launch = traffic._attribute("_reads_twice", {"X": x, "Y": y}, 1)
+        launch = traffic._attribute("_reads_twice", {"X": x, "Y": y}, 1, {})
     assert launch["read"] == {"X": 40} and launch["written"] == {"Y": 20}
+    assert len(launch["trace"]) == 3
+
+
+def test_access_order_check_sees_a_late_reread():
+    """The instrument of the access-order test: a re-read after another row's access is late."""
+    owner = np.array(["DY"], dtype=object)
+    trace = [("read", 0, owner, np.array([0]), np.array([3])), ("read", 0, owner, np.array([1]), np.array([3])),
+             ("read", 0, owner, np.array([0]), np.array([3])), ("read", 0, owner, np.array([1]), np.array([3]))]
+    assert _late_rereads(dict(trace=trace), "DY") == (2, 2)
+    trace = [trace[0], trace[2], trace[1], trace[3]]
+    assert _late_rereads(dict(trace=trace), "DY") == (2, 0)

@@ -7,8 +7,8 @@
   would add ~2 ulp to every output of the row).
 - ``merge_moments``: Chan et al.'s pairwise merge of (count, mean, M2) for rows processed in
   chunks; stable like two-pass statistics (never E[h^2] - E[h]^2).
-- ``row_sums``: both row sums of the LayerNorm backward in one two-output ``tl.reduce`` (one round
-  of shuffles and shared memory instead of two) on the GPU.
+- ``row_sums``: both row sums of the backward in one two-output ``tl.reduce`` (one round of shuffles
+  and shared memory instead of two) on the GPU.
 - ``late_upcast``: a 16-bit tensor to float32 where it is used, so that only the 16-bit copy stays
   live across the code in between.
 - ``host_scalar``: a host float passed as the bits of a float64, exact in float64 kernels.
@@ -149,17 +149,17 @@ def _sum_pair(a0, a1, b0, b1):
 
 
 @triton.jit
-def row_sums(u, v):
-    """(sum(u), sum(v)) over axis 0 of two (BLOCK_N,) tensors.
+def row_sums(u, v, AXIS: tl.constexpr):
+    """(sum(u), sum(v)) along AXIS of two tensors of one shape, keeping the reduced dimension.
 
     On the GPU one two-output reduction (a tree: shuffles, then shared memory). The interpreter runs a
     custom ``tl.reduce`` as a sequential left fold, whose rounding error grows with N (2-6x torch's on a
     0-d residual scale's gradient at N >= 1000), so there it takes two pairwise ``tl.sum``s instead.
     """
     if _INTERPRETED:
-        return tl.sum(u, axis=0), tl.sum(v, axis=0)
+        return tl.sum(u, axis=AXIS, keep_dims=True), tl.sum(v, axis=AXIS, keep_dims=True)
     else:
-        return tl.reduce((u, v), 0, _sum_pair)
+        return tl.reduce((u, v), AXIS, _sum_pair, keep_dims=True)
 
 
 @triton.jit

@@ -1,123 +1,219 @@
-"""Launch heuristics for the Triton kernels: block size, warps, rows per program. No autotuning.
+"""Launch heuristics for the Triton kernels: tiles, warps, prefetch depth, and the row partition.
 
-Why a fixed rule and not ``triton.autotune``: the kernels are memory bound, so the only choices
-that matter are (a) whether one row fits in registers (one pass over global memory) and (b)
-enough warps and programs in flight to cover memory latency. Both follow from N alone; an
-autotuner would add a benchmark sweep at the first call of every new N (seconds, and a host sync,
-which breaks CUDA-graph capture) and cannot run under TRITON_INTERPRET=1.
+No autotuning: the kernels are memory bound, so what matters is (a) whether a row fits in registers
+(one pass over global memory), (b) enough bytes in flight per SM to cover DRAM latency, and (c) for
+the backward, few column partials. All three follow from (N, dtype, variant); an autotuner would add a
+benchmark sweep (and a host sync) at the first call of every new N and cannot run in the interpreter.
 
-The rule:
+**Determinism across GPUs (DESIGN section 2).** Every choice here is a pure function of (M, N, dtype,
+variant): nothing reads the SM count, so the backward's row partition -- and with it the bits of
+dweight, dbias and dscale -- is the same on an H100, an A100, an H200 or a MIG slice, and under the
+interpreter. The partition is sized for a reference chip of ``REFERENCE_SMS`` = 132 SMs (H100/H200 SXM)
+running ``BACKWARD_WAVES`` = 2 waves; a chip with other SM counts runs the same programs in its own
+waves (108 SMs: 2.44 waves of work in 3; a 16-SM MIG slice: 16.5 in 17).
 
-- ``BLOCK_N = next_power_of_2(N)``, capped at ``MAX_BLOCK_N`` (16384 columns) in the forward and
-  ``min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD)`` (8192) in the backward. Up to the cap the whole row
-  lives in registers: the forward reads x and residual once and the backward reads dy and h (or x and the
-  residual) once -- the byte floor of DESIGN section 5. Wider rows are processed in
-  ``NUM_CHUNKS = cdiv(N, BLOCK_N)`` column chunks (16384 columns in the forward, 4096 in the
-  backward) by the same kernels; they read their inputs twice (statistics, then outputs), see
-  ``kernels.py``. The caps come from the sm_90 compile report
-  (benchmarks/results/triton_compile_report.md): a CTA has 64K registers, and the backward keeps
-  about ten float32 values per column live (dy, xhat, g, residual, the parameters and the three
-  column accumulators), so a 16384-wide backward block spills hundreds of bytes per thread, while
-  the forward keeps ~4 per column and fits 16384.
-- ``num_warps = clamp(BLOCK_N // 512, 1, 32)``: 16 elements per thread for any block of at least
-  512 columns, i.e. two 128-bit accesses per 16-bit tensor (four per float32 tensor) per thread.
-  Fewer elements per thread would not lower the register need of a block, only move it to more
-  threads (a CTA's 64K registers are the limit); more would cap registers per thread at 255.
-  ptxas on sm_90 (benchmarks/results/triton_compile_report.md): no spills up to N = 8192.
-- ``PARAMS_PER_ROW_BLOCK_N`` (8192): the one rule that depends on the variant. A one-pass backward
-  block of 8192 columns runs 16 warps, so at most 128 registers per thread for its 16 columns per
-  thread. With a learned residual scale it keeps three float32 column accumulators (dweight, dbias,
-  dscale: 48 registers) across the row loop; holding weight and scale too (32 more) left too few
-  for the current row (dy, xhat, g, the residual) and ptxas spilled 24-56 bytes per thread in the
-  Pre-LN layout and 80-192 in the Post-LN one (which rebuilds h from x and the residual). So from
-  this width on, with a learned scale, the kernel re-reads weight and scale per row where they are
-  used (L1/L2 hits: (N,) values shared by all rows; every (M, N) input is still read once). With
-  two changes made at every width -- the residual stays 16-bit across the row reductions, and both
-  LayerNorm row sums are one reduction (kernels.py) -- this leaves 0 spills at 127-128 registers.
-  32 warps instead (64 registers per thread, 8 columns) still spill, even with these changes
-  (92-112 bytes per thread): the per-thread addressing and reduction overhead does not shrink with
-  the columns per thread.
-- Rows per program: both kernels loop over a contiguous range of rows, so the (N,) parameters are
-  loaded once per program (but see ``PARAMS_PER_ROW_BLOCK_N``) and the backward's float32 column
-  partial sums stay in registers until the program ends. On CUDA the grid is
-  ``SMs * programs_per_SM`` (``programs_per_SM`` fills the SM's 64 warp slots: up to 32 programs
-  per SM in the forward, the hardware limit, for latency hiding, times
-  ``FORWARD_OVERSUBSCRIPTION`` = 4 so that the hardware scheduler evens out the waves (residency
-  depends on registers, unknown before compiling); at most 8 per SM in the backward, so that its
-  partial-sum buffer stays ``(8 * SMs, N)`` float32 -- a few MB -- reduced once by
-  ``torch.sum(0)`` in a fixed order. For the backward at 16 elements per thread the compile
-  report's registers give 1 resident program per SM at 8-16 warps and 4 at 2 warps, so 8 per SM
-  makes whole waves).
-  Under the interpreter (CPU) a small fixed grid is used (``INTERPRETER_PROGRAMS``).
+**Forward** (rows of up to ``MAX_BLOCK_N`` = 16384 columns in registers): ``BLOCK_N =
+next_power_of_2(N)``, 16 elements per thread (two 128-bit accesses per 16-bit tensor): ``num_warps =
+elements / 512``, 1 to 32; rows of up to 1024 columns go ``TILE_ELEMENTS // BLOCK_N`` to a tile (e.g.
+[4, 1024], 8 warps), wider ones one per tile. Wider rows than 16384 take column chunks of 16384 (read
+twice, the second time right after the first, from L2). At 16384 columns (32 warps: at most 64
+registers per thread) a heavy variant or one with two or more (N,) parameters re-reads the parameters per
+row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread), and so does 32-bit x
+with dropout and two or more (N,) parameters at 8192 columns; 32-bit x with dropout or row statistics
+takes chunks of 8192 from 16384 columns on. Programs:
+``FORWARD_OVERSUBSCRIPTION`` x the reference chip's warp slots (the forward has no partials: more,
+smaller programs even out the waves on any chip).
+
+**Backward**, three shapes of work of the one kernel (backward.py):
+
+- N <= 1024: tiles of ``TILE_ELEMENTS // BLOCK_N`` rows (e.g. [4, 1024]) with 8 warps, so that a
+  program keeps 16-24 KB of loads per tile in flight (one 1024-wide row of 1-2 warps had 4-8 KB).
+- N <= ``MAX_BLOCK_N_BACKWARD`` = 8192 (4096 for ``heavy`` variants or three column sums): one row per
+  tile, the whole row in registers (16 elements per thread, 2-16 warps). The backward keeps ~10 float32
+  values per column live (dy, xhat, g, the residual, the parameters, the column accumulators): at 8192
+  columns (16 warps, 128 registers per thread) that fits only the lighter variants, and 16384 columns
+  in one tile spill for all. With a learned scale, 8192-wide rows re-read weight and scale per row.
+- Wider rows: column chunks (``CHUNKED_BACKWARD``: 1024-4096 columns, 16 warps), one row at a time:
+  sweep A reads the row (last chunk first, prefetched) for its two row sums, sweep B reads it again
+  (first chunk first, so the most recently read chunk comes first) while it is still in L2 -- a row of
+  16384 16-bit columns is 32 KB per tensor, 132 programs keep ~13 MB of L2 busy -- and writes dx. The
+  column accumulators of a band of chunks (8192-16384 columns: band * column sums / 512 registers per
+  thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
+  row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
+  after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
+  The band is 16384 columns with at most one (N,) column sum (rms_norm, add_rms_norm in either layout;
+  heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
+  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; 32-bit x with dropout
+  halves it): the widest bands that compiled without spills on triton 3.6 and 3.8.
+
+**Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
+one float32 partial row per column sum; one fixed-order reduction kernel then sums the partials. The
+number of programs is ``BACKWARD_WAVES * REFERENCE_SMS * resident CTAs per SM`` (resident CTAs from the
+compile report: ``BACKWARD_RESIDENT_WARPS`` / num_warps, a lower bound over the variants), or fewer
+when M is small: the partials are then ~1-4% of the bytes at M * N = 2^27 (benchmarks/README.md).
+
+**Prefetch.** One-pass row loops and the chunked backward's sweep A are ``tl.range(..., num_stages=3)``:
+Triton then copies the next two tiles (chunks) to shared memory with 16-byte cp.async while the
+current one is computed (num_stages=2 does not: its refill comes at the end of the loop body). Three
+tiles of the (M, N) inputs must fit ``PREFETCH_SMEM_BYTES``; with per-row parameters (which would be
+buffered too, in their own dtype, maybe float32) there is no prefetch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 
-# The widest blocks kept entirely in registers. Tests lower MAX_BLOCK_N (monkeypatch), which caps
-# both kernels, to exercise the chunked path at small N under the interpreter.
+from ..variant import ScaleKind, Variant
+
+# The widest rows kept entirely in registers. Tests lower MAX_BLOCK_N (monkeypatch), which caps
+# both kernels and the backward's chunk, to exercise the chunked paths at small N in the interpreter.
 MAX_BLOCK_N = 16384
 MAX_BLOCK_N_BACKWARD = 8192
-# One-pass backward blocks this wide (16 warps: at most 128 registers per thread) re-read the (N,)
-# weight and scale per row instead of holding them in registers, when the scale is learned (three
-# float32 column accumulators). Read by kernels.py at import (a constexpr).
+# Chunked backward rows, 16 warps (column accumulators in registers: see the module docstring): (chunk
+# columns, chunks per band) by the number of (N,) column accumulators (dweight, dbias, an (N,) dscale: a
+# 0-d scale's sum is taken chunk by chunk into one value) and whether the variant is heavy (``heavy``). Sized
+# by the sm_90 compile reports: the accumulators take band * sums / 512 registers per thread, the rest of the
+# row's work 50-100 of the 128.
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (1024, 8), (3, False): (1024, 4),
+                    (0, True): (2048, 8), (1, True): (2048, 4), (2, True): (1024, 4), (3, True): (1024, 4)}
+# The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
+# three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
+# (whose band then still covers the row: one pass over DRAM).
+MAX_BLOCK_N_BACKWARD_HEAVY = 4096
+CHUNKED_BACKWARD_WARPS = 16
+# One-pass blocks this wide re-read the (N,) parameters per row (LaunchConfig.params_per_row, a launch
+# constexpr; read per call, so tests can lower them): the backward's when the scale is learned, the
+# forward's for heavy variants or two or more (N,) parameters.
 PARAMS_PER_ROW_BLOCK_N = 8192
-CHUNK_N_BACKWARD = 4096
-# Grid size used when there is no GPU to size it (TRITON_INTERPRET=1 on CPU tensors).
-INTERPRETER_PROGRAMS = 3
-FORWARD_PROGRAMS_PER_SM = 32
-# The forward's grid is this many times what the SMs could hold by warp slots: how many programs
-# are resident depends on their registers, which the host does not know before compiling, and
-# equal-sized programs in a grid of 2.1 waves would leave the last wave mostly idle.
+FORWARD_PARAMS_PER_ROW_BLOCK_N = 16384
+# The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6), with row statistics
+# 8 B (triton 3.8): chunks of 8192 for 32-bit x with dropout or statistics.
+FORWARD_MAX_BLOCK_N_WIDE_DROPOUT = 8192
+TILE_ELEMENTS = 4096
+MAX_TILE_ROWS = 16
+
+REFERENCE_SMS = 132
+BACKWARD_WAVES = 2
+# Warps per SM that the backward's registers allow (<= 128 registers per thread: 16 warps of 64K).
+BACKWARD_RESIDENT_WARPS = 16
 FORWARD_OVERSUBSCRIPTION = 4
-BACKWARD_PROGRAMS_PER_SM = 8
 WARP_SLOTS_PER_SM = 64
+PREFETCH_STAGES = 3
+PREFETCH_SMEM_BYTES = 160 * 1024
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """How one kernel call is split: ``num_programs`` programs of ``rows_per_program`` rows each,
-    each row in ``num_chunks`` column blocks of ``block_n`` columns, ``num_warps`` warps."""
+    """One kernel call: ``num_programs`` programs of ``rows_per_program`` rows (a multiple of
+    ``tile_rows``), tiles of ``tile_rows`` x ``block_n``; a row is ``num_chunks`` column blocks, taken
+    ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch;
+    ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers."""
 
     block_n: int
     num_chunks: int
     num_warps: int
+    tile_rows: int
     rows_per_program: int
     num_programs: int
+    num_stages: int = 1
+    band_chunks: int = 1
+    params_per_row: bool = False
+
+    @property
+    def num_bands(self) -> int:
+        return triton.cdiv(self.num_chunks, self.band_chunks)
 
 
-@lru_cache(maxsize=16)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _warps(elements: int) -> int:
+    return max(1, min(elements // 512, 32))
 
 
-def block_config(cols: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, NUM_CHUNKS, num_warps) of the forward or backward kernel for rows of ``cols`` columns."""
-    cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD) if backward else MAX_BLOCK_N
+def column_sums(variant: Variant) -> int:
+    """How many (N,) float32 column accumulators the backward keeps: dweight, dbias, dscale."""
+    return int(variant.has_weight) + int(variant.has_bias) + int(variant.learned_scale)
+
+
+def _vector_params(variant: Variant) -> int:
+    return int(variant.has_weight) + int(variant.has_bias) + int(variant.scale_kind == ScaleKind.VECTOR)
+
+
+def _forward_params_per_row(block_n: int, variant: Variant, dtype: torch.dtype) -> bool:
+    """Whether a one-pass forward row re-reads its (N,) parameters per row instead of holding them."""
+    if block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N:  # 32 warps: at most 64 registers per thread
+        return heavy(variant, dtype) or _vector_params(variant) >= 2
+    # 32-bit x with dropout and two or three (N,) parameters spilled 64-68 B holding them at 8192 columns
+    # (16 warps: 128 registers per thread; triton 3.8).
+    wide_dropout = dtype.itemsize > 2 and variant.has_dropout and _vector_params(variant) >= 2
+    return wide_dropout and 2 * block_n >= FORWARD_PARAMS_PER_ROW_BLOCK_N
+
+
+def heavy(variant: Variant, dtype: torch.dtype) -> bool:
+    """Whether a chunked backward row needs the narrower band of CHUNKED_BACKWARD: more registers per
+    element (a Philox stream for dropout; float32/64 tensors) or four tensors re-read in sweep B (Pre-LN
+    with a learned scale: dy, dh_in, h and the residual)."""
+    return (variant.has_dropout or variant.residual_f32 or variant.h_f32 or dtype.itemsize > 2
+            or (variant.prenorm and variant.learned_scale))
+
+
+def block_config(cols: int, backward: bool, variant: Variant | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, NUM_CHUNKS, num_warps, tile rows, chunks per band) for rows of ``cols`` columns of
+    ``variant`` with x of ``dtype`` (see the module docstring)."""
     block_n = triton.next_power_of_2(cols)
+    variant = variant or Variant()
+    cap = MAX_BLOCK_N
+    if not backward and dtype.itemsize > 2 and (variant.has_dropout or variant.store_stats):
+        cap = min(MAX_BLOCK_N, FORWARD_MAX_BLOCK_N_WIDE_DROPOUT)  # 16 float32 values and Philox per thread
+    if backward:
+        light = column_sums(variant) < 3 and not heavy(variant, dtype)
+        cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD if light else MAX_BLOCK_N_BACKWARD_HEAVY)
+    if block_n > cap and not backward:
+        return cap, triton.cdiv(cols, cap), _warps(cap), 1, 1
     if block_n > cap:
-        # Chunked rows are read twice whatever the chunk width; the backward's two sweeps plus its
-        # column accumulators fit in registers at 4096 columns, not at 8192.
-        block_n = min(MAX_BLOCK_N, CHUNK_N_BACKWARD) if backward else cap
-    return block_n, triton.cdiv(cols, block_n), max(1, min(block_n // 512, 32))
+        vector_sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)
+        chunk, band_chunks = CHUNKED_BACKWARD[vector_sums, heavy(variant, dtype)]
+        if dtype.itemsize > 2 and variant.has_dropout:
+            band_chunks = max(2, band_chunks // 2)  # 32-bit values and a Philox stream: half the band
+        block_n = min(MAX_BLOCK_N, chunk)
+        return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
+    rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n)) if block_n <= 1024 else 1
+    return block_n, 1, _warps(rows * block_n), rows, 1
 
 
-def launch_config(rows: int, cols: int, device: torch.device, backward: bool) -> LaunchConfig:
-    """The launch of the forward (``backward=False``) or backward kernel for an (rows, cols) problem
-    on ``device``; rows >= 1, cols >= 1. Host-side arithmetic only: no sync, CUDA-graph safe."""
-    block_n, num_chunks, num_warps = block_config(cols, backward)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        cap = BACKWARD_PROGRAMS_PER_SM if backward else FORWARD_PROGRAMS_PER_SM
-        per_sm = max(1, min(cap, WARP_SLOTS_PER_SM // num_warps))
-        target = _sm_count(index) * per_sm * (1 if backward else FORWARD_OVERSUBSCRIPTION)
+def _tile_input_bytes(variant: Variant, dtype: torch.dtype, backward: bool) -> int:
+    """Bytes per tile element of the (M, N) inputs a one-pass row loop reads (what prefetch buffers)."""
+    reads, _ = variant.row_tensors("bwd" if backward else "fwd")
+    return sum(variant.itemsize(name, dtype) for name in reads)
+
+
+def launch_config(rows: int, cols: int, device: torch.device | None = None, backward: bool = False,
+                  variant: Variant | None = None, dtype: torch.dtype = torch.bfloat16) -> LaunchConfig:
+    """The launch of the forward (``backward=False``) or backward kernel for a (rows, cols) problem of
+    ``variant`` with x of ``dtype``; rows >= 1, cols >= 1. A pure function of its arguments: ``device``
+    is accepted for the callers' convenience and not read (the launch is the same on every GPU and
+    under the interpreter). Host arithmetic only: no sync, CUDA-graph safe."""
+    variant = variant or Variant()
+    block_n, num_chunks, num_warps, tile_rows, band_chunks = block_config(cols, backward, variant, dtype)
+    if backward:
+        resident = max(1, BACKWARD_RESIDENT_WARPS // num_warps)
+        target = BACKWARD_WAVES * REFERENCE_SMS * resident
     else:
-        target = INTERPRETER_PROGRAMS
-    rows_per_program = triton.cdiv(rows, min(rows, target))
-    num_programs = triton.cdiv(rows, rows_per_program)
-    return LaunchConfig(block_n, num_chunks, num_warps, rows_per_program, num_programs)
+        resident = max(1, WARP_SLOTS_PER_SM // num_warps)
+        target = FORWARD_OVERSUBSCRIPTION * REFERENCE_SMS * resident
+    tiles = triton.cdiv(rows, tile_rows)
+    tiles_per_program = triton.cdiv(tiles, min(tiles, target))
+    rows_per_program = tiles_per_program * tile_rows
+    params_per_row = num_chunks == 1 and (
+        block_n >= PARAMS_PER_ROW_BLOCK_N and variant.learned_scale if backward
+        else _forward_params_per_row(block_n, variant, dtype))
+    stages = PREFETCH_STAGES if backward else 1  # the chunked backward's sweep A prefetches its chunks
+    if num_chunks == 1:
+        # Per-row parameter loads would be prefetched too (in their own dtype, maybe float32): none then.
+        stage_bytes = tile_rows * block_n * _tile_input_bytes(variant, dtype, backward)
+        fits = PREFETCH_STAGES * stage_bytes <= PREFETCH_SMEM_BYTES
+        stages = PREFETCH_STAGES if fits and not params_per_row else 1
+    return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
+                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row)

@@ -6,6 +6,9 @@ STORE_STATS it also writes, to an (M, 8) float32 tensor, the columns of
 residual * s and of h (two-pass over registers; chunk statistics merged with Chan's update for rows
 walked in chunks), max|h| (NaN ignored) and the number of non-finite h values. No (M, N) tensor is
 read or written twice for it. Without STORE_STATS none of this is traced: the kernel compiles as before.
+
+TILE: the values are a 2-D tile of rows, (ROWS, BLOCK_N), reduced along axis 1 to (ROWS, 1) statistics
+(the forward's one-pass path); else a 1-D row chunk reduced to scalars (the chunked path).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ STATS_WIDTH: tl.constexpr = tl.constexpr(8)  # len(contract.STATS_COLUMNS)
 @triton.jit
 def pre_norm_moments(X, R, row, cols, mask, N, count, stride_x, stride_r, seed, keep_threshold, dropout_scale, s,
                      COMPUTE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr):
+                     HAS_DROPOUT: tl.constexpr, TILE: tl.constexpr):
     """h for one row chunk (in COMPUTE, 0 where masked out), and the (mean, M2) of f = dropout(x) and of
     residual * s over its ``count`` columns. h is computed exactly as forward._pre_norm_row computes it
     (same operations, same order), so y does not change with the flag. The moments of f are taken before
@@ -30,46 +33,56 @@ def pre_norm_moments(X, R, row, cols, mask, N, count, stride_x, stride_r, seed, 
     if HAS_DROPOUT:
         keep = philox_keep(seed, row * N + cols, keep_threshold)
         branch = branch * tl.where(keep, dropout_scale, 0.0)
-    mean_f, m2_f = _moments(branch, mask, count, COMPUTE)
+    mean_f, m2_f = _moments(branch, mask, count, COMPUTE, TILE)
     if HAS_RESIDUAL:
         residual = load_row(R, row, stride_r, cols, mask, COMPUTE)
         if SCALE_KIND == 0:
-            mean_r, m2_r = _moments(residual, mask, count, COMPUTE)
+            mean_r, m2_r = _moments(residual, mask, count, COMPUTE, TILE)
         else:
-            mean_r, m2_r = _moments(residual * s, mask, count, COMPUTE)
+            mean_r, m2_r = _moments(residual * s, mask, count, COMPUTE, TILE)
         h = add_scaled(branch, residual, s, SCALE_KIND)
     else:
-        mean_r = tl.zeros((), COMPUTE)
-        m2_r = tl.zeros((), COMPUTE)
+        mean_r = tl.zeros_like(mean_f)
+        m2_r = tl.zeros_like(mean_f)
         h = branch
     return h, mean_f, m2_f, mean_r, m2_r
 
 
 @triton.jit
-def _moments(v, mask, count, COMPUTE: tl.constexpr):
+def _row_sum(v, TILE: tl.constexpr):
+    """The sum of each row: (ROWS, 1) of a TILE, else a scalar."""
+    if TILE:
+        total = tl.sum(v, axis=1, keep_dims=True)
+    else:
+        total = tl.sum(v, axis=0)
+    return total
+
+
+@triton.jit
+def _row_max(v, TILE: tl.constexpr):
+    if TILE:
+        largest = tl.max(v, axis=1, keep_dims=True)
+    else:
+        largest = tl.max(v, axis=0)
+    return largest
+
+
+@triton.jit
+def _moments(v, mask, count, COMPUTE: tl.constexpr, TILE: tl.constexpr):
     """(mean, M2) of the masked-in entries of v (masked-out entries are 0); count: how many, in COMPUTE."""
-    mean = divide(tl.sum(v, axis=0), count, COMPUTE)
+    mean = divide(_row_sum(v, TILE), count, COMPUTE)
     centered = tl.where(mask, v - mean, 0.0)
-    return mean, tl.sum(centered * centered, axis=0)
+    return mean, _row_sum(centered * centered, TILE)
 
 
 @triton.jit
-def _extremes(h):
-    """(max|h| with NaN ignored, number of non-finite entries): masked-out entries are 0, so neither."""
-    magnitude = tl.abs(h)
-    largest = tl.max(tl.where(magnitude == magnitude, magnitude, 0.0), axis=0)  # NaN != NaN
-    nonfinite = tl.sum(tl.where(magnitude < float("inf"), 0.0, 1.0), axis=0)  # NaN < inf is false too
-    return largest, nonfinite
-
-
-@triton.jit
-def h_stats(h, mask, count, COMPUTE: tl.constexpr):
+def h_stats(h, mask, count, COMPUTE: tl.constexpr, TILE: tl.constexpr):
     """(mean, M2, max|h| with NaN ignored, number of non-finite entries) of h over ``count`` columns;
     masked-out entries are 0, so they count in neither extreme."""
-    mean_h, m2_h = _moments(h, mask, count, COMPUTE)
+    mean_h, m2_h = _moments(h, mask, count, COMPUTE, TILE)
     magnitude = tl.abs(h)
-    largest = tl.max(tl.where(magnitude == magnitude, magnitude, 0.0), axis=0)  # NaN != NaN
-    nonfinite = tl.sum(tl.where(magnitude < float("inf"), 0.0, 1.0), axis=0)  # NaN < inf is false too
+    largest = _row_max(tl.where(magnitude == magnitude, magnitude, 0.0), TILE)  # NaN != NaN
+    nonfinite = _row_sum(tl.where(magnitude < float("inf"), 0.0, 1.0), TILE)  # NaN < inf is false too
     return mean_h, m2_h, largest, nonfinite
 
 
@@ -92,14 +105,15 @@ def merge_stats(count, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfin
 
 
 @triton.jit
-def store_stats(STATS, row, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite):
-    """Row ``row`` of the (M, 8) float32 STATS tensor, in contract.STATS_COLUMNS order."""
+def store_stats(STATS, row, mean_f, m2_f, mean_r, m2_r, mean_h, m2_h, largest, nonfinite, row_mask):
+    """Row ``row`` of the (M, 8) float32 STATS tensor, in contract.STATS_COLUMNS order (``row``: an int64
+    scalar and row_mask None, or a tile's (ROWS, 1) rows and which of them exist)."""
     base = STATS + row * STATS_WIDTH
-    tl.store(base + 0, mean_f.to(tl.float32))
-    tl.store(base + 1, m2_f.to(tl.float32))
-    tl.store(base + 2, mean_r.to(tl.float32))
-    tl.store(base + 3, m2_r.to(tl.float32))
-    tl.store(base + 4, mean_h.to(tl.float32))
-    tl.store(base + 5, m2_h.to(tl.float32))
-    tl.store(base + 6, largest.to(tl.float32))
-    tl.store(base + 7, nonfinite.to(tl.float32))
+    tl.store(base + 0, mean_f.to(tl.float32), mask=row_mask)
+    tl.store(base + 1, m2_f.to(tl.float32), mask=row_mask)
+    tl.store(base + 2, mean_r.to(tl.float32), mask=row_mask)
+    tl.store(base + 3, m2_r.to(tl.float32), mask=row_mask)
+    tl.store(base + 4, mean_h.to(tl.float32), mask=row_mask)
+    tl.store(base + 5, m2_h.to(tl.float32), mask=row_mask)
+    tl.store(base + 6, largest.to(tl.float32), mask=row_mask)
+    tl.store(base + 7, nonfinite.to(tl.float32), mask=row_mask)
