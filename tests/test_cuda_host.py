@@ -156,7 +156,13 @@ def test_launch_heuristic_is_sane_for_every_width(elem_bytes, backward):
         assert c.threads_per_row >= previous_tpr, "wider rows never get fewer threads"
         previous_tpr = c.threads_per_row
         if backward:
-            assert c.grid <= 132 * 2, "one wave of partial rows at most"
+            # The partition is the problem's (csrc/fusednorm.h backward_grid): two waves of a 132-SM
+            # reference chip at the block shape's reference occupancy, whatever this device is.
+            threads = c.threads_per_row * c.rows_per_block
+            assert c.grid <= 2 * 132 * (2048 // threads), "two reference waves of partial rows at most"
+            other = cuda_impl.launch_config(4096, n, elem_bytes, num_sms=16, blocks_per_sm=1, backward=True,
+                                            partial_slots=3)
+            assert other.grid == c.grid, "the backward's grid does not depend on the device"
             assert c.smem_bytes == 3 * c.rows_per_block * c.chunk_cols * (8 if elem_bytes == 8 else 4)
             assert c.smem_bytes <= 96 * 1024, "fits the 163 KiB of an A100 and the 227 KiB of an H100"
         else:
@@ -168,13 +174,14 @@ def test_launch_heuristic_is_sane_for_every_width(elem_bytes, backward):
 
 @needs_extension
 def test_launch_grid_covers_rows_and_caps():
-    # Forward: one row group per row, up to 32 waves; backward: one wave.
+    # Forward: one row group per row, up to 32 waves of this device; backward: the problem's partition.
     c = cuda_impl.launch_config(1000, 1024, 2, num_sms=100, blocks_per_sm=4, backward=False)
     assert c.grid == -(-1000 // c.rows_per_block)
     c = cuda_impl.launch_config(10**7, 1024, 2, num_sms=100, blocks_per_sm=4, backward=False)
     assert c.grid == 100 * 4 * 32
     c = cuda_impl.launch_config(10**7, 1024, 2, num_sms=100, blocks_per_sm=4, backward=True)
-    assert c.grid == 100 * 4
+    same = cuda_impl.launch_config(10**7, 1024, 2, num_sms=132, blocks_per_sm=1, backward=True)
+    assert c.grid == same.grid and c.grid % (2 * 132) == 0, "backward: two waves of the 132-SM reference chip"
     c = cuda_impl.launch_config(3, 1024, 2, num_sms=100, blocks_per_sm=4, backward=True)
     assert c.grid == -(-3 // c.rows_per_block)
     assert cuda_impl.launch_config(0, 1024, 2, num_sms=100, blocks_per_sm=4, backward=True).grid == 1

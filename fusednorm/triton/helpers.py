@@ -77,6 +77,10 @@ def rounded_to(value, PTR):
     interpreter the rounding is done here on the bits (NaN kept), so that CPU runs of the kernels give
     the GPU's (and torch's) bits.
     """
+    if value.dtype == tl.float64 and PTR.dtype.element_ty.primitive_bitwidth == 16:
+        # float64 -> 16 bits through float32, as torch converts (c10::BFloat16 / Half take a float); the
+        # interpreter has no direct float64 -> bfloat16 conversion (it gave inf).
+        value = value.to(tl.float32)
     if _INTERPRETED and PTR.dtype.element_ty == tl.bfloat16 and value.dtype == tl.float32:
         bits = value.to(tl.uint32, bitcast=True)
         bits = bits + (0x7FFF + ((bits >> 16) & 1))
