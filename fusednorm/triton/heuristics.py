@@ -20,7 +20,8 @@ twice, the second time right after the first, from L2). At 16384 columns (32 war
 registers per thread) a heavy variant or one with two or more (N,) parameters re-reads the parameters per
 row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread), and so does 32-bit x
 with dropout and two or more (N,) parameters at 8192 columns; 32-bit x with dropout or row statistics
-takes chunks of 8192 from 16384 columns on. Programs:
+takes chunks of 8192 from 16384 columns on (with statistics and neither residual nor dropout: 2048, 4 warps).
+Programs:
 ``FORWARD_OVERSUBSCRIPTION`` x the reference chip's warp slots (the forward has no partials: more,
 smaller programs even out the waves on any chip).
 
@@ -44,7 +45,8 @@ smaller programs even out the waves on any chip).
   The band is 16384 columns with at most one (N,) column sum (rms_norm, add_rms_norm in either layout;
   heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
   (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; 32-bit x with dropout
-  halves it): the widest bands that compiled without spills on triton 3.6 and 3.8.
+  halves it, except with two sums: 1024 x 2 spilled at 64 registers where 1024 x 4 did not): the widest
+  bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not monotonic in the band).
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
 one float32 partial row per column sum; one fixed-order reduction kernel then sums the partials. The
@@ -92,6 +94,9 @@ FORWARD_PARAMS_PER_ROW_BLOCK_N = 16384
 # The forward of 32-bit x with dropout spilled 116-180 B at 16384 columns (triton 3.6), with row statistics
 # 8 B (triton 3.8): chunks of 8192 for 32-bit x with dropout or statistics.
 FORWARD_MAX_BLOCK_N_WIDE_DROPOUT = 8192
+# 32-bit x with row statistics (no residual, no dropout) from 16384 columns on: chunks of 2048 (4 warps);
+# chunks of 8192 spilled 4-16 B (rms_norm triton 3.8, layer_norm triton 3.6).
+FORWARD_STATS_CHUNK = 2048
 TILE_ELEMENTS = 4096
 MAX_TILE_ROWS = 16
 
@@ -171,12 +176,16 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
         light = column_sums(variant) < 3 and not heavy(variant, dtype)
         cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD if light else MAX_BLOCK_N_BACKWARD_HEAVY)
     if block_n > cap and not backward:
+        if dtype.itemsize > 2 and variant.store_stats and not (variant.has_dropout or variant.has_residual):
+            cap = min(cap, FORWARD_STATS_CHUNK)
         return cap, triton.cdiv(cols, cap), _warps(cap), 1, 1
     if block_n > cap:
         vector_sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)
         chunk, band_chunks = CHUNKED_BACKWARD[vector_sums, heavy(variant, dtype)]
-        if dtype.itemsize > 2 and variant.has_dropout:
-            band_chunks = max(2, band_chunks // 2)  # 32-bit values and a Philox stream: half the band
+        if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2:
+            # 32-bit values and a Philox stream: half the band (with two sums 1024 x 2 spilled 4-12 B at 64
+            # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills)
+            band_chunks = max(2, band_chunks // 2)
         block_n = min(MAX_BLOCK_N, chunk)
         return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
     rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n)) if block_n <= 1024 else 1
