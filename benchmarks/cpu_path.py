@@ -10,7 +10,6 @@ of repeats, taking turns. Goal: <= 1.3x. Peak memory is not measured here (not d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusednorm  # noqa: E402
-from benchmarks.overhead import paired_us  # noqa: E402
+from benchmarks.overhead import paired_us, write_results  # noqa: E402
 
 GOAL = 1.3
 
@@ -82,13 +81,7 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     results = run([(512, 1024)], (torch.float32, torch.bfloat16), args.calls, args.repeats)
-    table = markdown(results)
-    print(table)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
-            json.dump(results, f, indent=1)
-        with open(args.out + ".md", "w") as f:
-            f.write(table)
+    write_results(results, markdown(results), args.out)
 
 
 if __name__ == "__main__":

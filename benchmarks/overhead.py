@@ -216,12 +216,16 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     results = run(args.device, args.rows, args.n, args.calls, args.repeats)
-    table = markdown(results)
+    write_results(results, markdown(results), args.out)
+
+
+def write_results(results, table: str, out: str | None) -> None:
+    """Print the Markdown table; with ``out``, also write OUT.json (the raw results) and OUT.md."""
     print(table)
-    if args.out:
-        with open(args.out + ".json", "w") as f:
+    if out:
+        with open(out + ".json", "w") as f:
             json.dump(results, f, indent=1)
-        with open(args.out + ".md", "w") as f:
+        with open(out + ".md", "w") as f:
             f.write(table)
 
 
