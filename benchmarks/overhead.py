@@ -49,6 +49,9 @@ class StubBackend:
         result = self._results.get(key)
         if result is None:
             result = self._results[key] = make()
+            for t in result:  # uninitialised memory may hold NaNs and subnormals, slow to sum and accumulate
+                if t is not None:
+                    t.zero_()
         return result
 
     # id(variant): fusednorm's call plans hold their Variant, so the ids are stable here; hashing the frozen

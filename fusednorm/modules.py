@@ -39,7 +39,8 @@ def autocast_norm_dtype(x: Tensor) -> torch.dtype:
 
 
 def _flat(p: Tensor | None) -> Tensor | None:
-    return p.reshape(-1) if p is not None else None
+    """A normalized_shape-shaped parameter as (N,) (a 1-d one as it is: reshape would add a view per call)."""
+    return p.reshape(-1) if p is not None and p.dim() != 1 else p
 
 
 def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
@@ -47,9 +48,21 @@ def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     k = len(normalized_shape)
-    if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
-        raise ValueError(f"x must end with normalized_shape {tuple(normalized_shape)}, got shape {tuple(x.shape)}")
-    return x if k == 1 else x.flatten(x.dim() - k)
+    shape = x.shape
+    if shape[len(shape) - k:] != tuple(normalized_shape):
+        raise ValueError(f"x must end with normalized_shape {tuple(normalized_shape)}, got shape {tuple(shape)}")
+    return x if k == 1 else x.flatten(len(shape) - k)
+
+
+_MISSING = object()
+
+
+def _parameter(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` for a parameter, read from ``module._parameters``: nn.Module.__getattr__ runs only after
+    a failed ordinary lookup and costs about a microsecond per parameter per call. Anything else holding the
+    name (a parametrization's property, a plain tensor attribute set by a wrapper) is read as usual."""
+    p = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if p is _MISSING else p
 
 
 def _unflatten(y: Tensor, shape: torch.Size) -> Tensor:
@@ -67,8 +80,8 @@ def layer_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: 
     if autocast_norm_dtype(x) != x.dtype:  # CUDA autocast: torch casts input and parameters to float32
         rows = rows.float()
         weight, bias = (p.float() if p is not None else None for p in (weight, bias))
-    y = F.layer_norm(rows, weight, bias, eps, weight_offset=weight_offset)
-    return _unflatten(y, x.shape)
+    y = F._call(False, rows, None, weight, bias, eps, None, 0.0, False, False, weight_offset, None)  # layer_norm
+    return y if rows is x else _unflatten(y, x.shape)
 
 
 def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None,
@@ -82,8 +95,8 @@ def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Te
     weight = _flat(weight)
     if weight is not None and weight.dtype not in (rows.dtype, torch.float32):
         weight = weight.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-    y = F.rms_norm(rows, weight, eps, weight_offset=weight_offset)
-    return _unflatten(y, x.shape)
+    y = F._call(True, rows, None, weight, None, eps, None, 0.0, False, False, weight_offset, None)  # rms_norm
+    return y if rows is x else _unflatten(y, x.shape)
 
 
 def _set_weight_offset(module: nn.Module, weight_offset: object) -> None:
@@ -118,7 +131,8 @@ class LayerNorm(nn.LayerNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_like_torch(x, self.normalized_shape, self.weight, self.bias, self.eps, self.weight_offset)
+        return layer_norm_like_torch(x, self.normalized_shape, _parameter(self, "weight"), _parameter(self, "bias"),
+                                     self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
@@ -144,7 +158,7 @@ class RMSNorm(nn.RMSNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm_like_torch(x, self.normalized_shape, self.weight, self.eps, self.weight_offset)
+        return rms_norm_like_torch(x, self.normalized_shape, _parameter(self, "weight"), self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
@@ -190,10 +204,14 @@ class _AddNorm(nn.Module):
         _set_weight_offset(self, weight_offset)
 
     def _scale(self):
-        return self.residual_scale if self.residual_scale is not None else self.scale_constant
+        scale = _parameter(self, "residual_scale")
+        return scale if scale is not None else self.scale_constant
 
-    def _dropout(self) -> float:
-        return self.dropout_p if self.training else 0.0
+    def _add_norm(self, is_rms: bool, x: Tensor, residual: Tensor | None):
+        """F.add_layer_norm / F.add_rms_norm with this module's parameters and options."""
+        return F._call(is_rms, x, residual, _parameter(self, "weight"), None if is_rms else _parameter(self, "bias"),
+                       self.eps, self._scale(), self.dropout_p if self.training else 0.0, self.prenorm,
+                       self.residual_in_fp32, self.weight_offset, None)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -217,9 +235,7 @@ class AddLayerNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, residual_scale=self._scale(),
-                                dropout_p=self._dropout(), prenorm=self.prenorm,
-                                residual_in_fp32=self.residual_in_fp32, weight_offset=self.weight_offset)
+        return self._add_norm(False, x, residual)
 
 
 class AddRMSNorm(_AddNorm):
@@ -232,6 +248,4 @@ class AddRMSNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return F.add_rms_norm(x, residual, self.weight, self.eps, residual_scale=self._scale(),
-                              dropout_p=self._dropout(), prenorm=self.prenorm,
-                              residual_in_fp32=self.residual_in_fp32, weight_offset=self.weight_offset)
+        return self._add_norm(True, x, residual)
