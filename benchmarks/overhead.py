@@ -46,23 +46,24 @@ class StubBackend:
         self._results = {}
 
     def _cached(self, key, make):
-        result = self._results.get(key)
-        if result is None:
-            result = self._results[key] = make()
-            for t in result:  # uninitialised memory may hold NaNs and subnormals, slow to sum and accumulate
-                if t is not None:
-                    t.zero_()
+        result = self._results[key] = make()
+        for t in result:  # uninitialised memory may hold NaNs and subnormals, slow to sum and accumulate
+            if t is not None:
+                t.zero_()
         return result
 
     # id(variant): fusednorm's call plans hold their Variant, so the ids are stable here; hashing the frozen
     # dataclass itself would add its own cost to every call timed.
     def forward(self, variant, args):
-        return self._cached(("fwd", id(variant), args.x.shape, args.x.dtype), lambda: allocate_forward(variant, args.x))
+        key = (id(variant), args.x.shape, args.x.dtype)
+        result = self._results.get(key)
+        return result if result is not None else self._cached(key, lambda: allocate_forward(variant, args.x))
 
     def backward(self, variant, args):
-        key = ("bwd", id(variant), args.dy.shape, args.dy.dtype, args.bias_dtype)
-        return self._cached(key, lambda: allocate_backward(variant, args.dy, args.weight, args.residual_scale,
-                                                           args.bias_dtype))
+        key = (id(variant), args.dy.shape, args.dy.dtype, args.bias_dtype)
+        result = self._results.get(key)
+        return result if result is not None else self._cached(key, lambda: allocate_backward(
+            variant, args.dy, args.weight, args.residual_scale, args.bias_dtype))
 
 
 def install_stub() -> Callable[[], None]:

@@ -56,35 +56,6 @@ def clear() -> None:
     _PLANS.clear()
 
 
-def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-               weight_offset, backend, store_stats) -> tuple | None:
-    """Everything the checks and the plan depend on, as a hashable key; None when the call is not a plain
-    eager one (the full checks then run, and raise with their exact messages if something is off). Each
-    tensor goes in by its facts (type, dtype, device, shape; x's layout too), never by identity: a module's
-    parameter can change dtype or device in place (module.to()). Python scalars go in with their types:
-    True == 1 == 1.0 as keys, but the checks treat them differently. One flat tuple: each fact costs a
-    fraction of a microsecond, and this runs on every eager call."""
-    if type(x) is not Tensor:
-        return None
-    key = (is_rms, x.layout, x.dtype, x.device, x.shape, eps, type(eps), weight_offset, type(weight_offset), backend,
-           backends._global_backend, store_stats)
-    if weight is not None:
-        key += (type(weight), weight.dtype, weight.device, weight.shape)
-    if bias is not None:
-        key += (None, type(bias), bias.dtype, bias.device, bias.shape)  # None: bias facts are not weight's
-    if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
-            or prenorm is not False or residual_in_fp32 is not False):  # add_*: the others pass None, 0.0, False
-        key += (residual is None, dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32,
-                type(residual_in_fp32))
-        if residual is not None:
-            key += (type(residual), residual.dtype, residual.device, residual.shape)
-        if isinstance(residual_scale, Tensor):
-            key += (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
-        else:
-            key += ("scale", type(residual_scale), residual_scale)
-    return key
-
-
 def scale_kind(residual_scale) -> ScaleKind:
     if isinstance(residual_scale, Tensor):
         return ScaleKind.VECTOR if residual_scale.dim() == 1 else ScaleKind.SCALAR
@@ -134,13 +105,34 @@ def checked(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropou
 
 def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
            weight_offset, backend: str | None, store_stats: bool, compiling: bool) -> Plan:
-    """The plan of a call: cached per signature in eager mode, checked on every traced call."""
+    """The plan of a call: cached per signature in eager mode, checked on every traced call.
+
+    The signature holds everything the checks and the plan depend on; a call that is not a plain eager one
+    (x not a plain tensor, unhashable arguments) gets the full checks, which raise with their exact messages
+    if something is off. Each tensor goes in by its facts (type, dtype, device, shape; x's layout too), never
+    by identity: a module's parameter can change dtype or device in place (module.to()). Python scalars go
+    in with their types: True == 1 == 1.0 as keys, but the checks treat them differently. One flat tuple,
+    built inline: each fact costs a fraction of a microsecond, and this runs on every eager call."""
     key = None
-    if not compiling:
+    if not compiling and type(x) is Tensor:
         try:
-            key = _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                             residual_in_fp32, weight_offset, backend, store_stats)
-            plan = _PLANS.get(key) if key is not None else None
+            key = (is_rms, x.layout, x.dtype, x.device, x.shape, eps, type(eps), weight_offset, type(weight_offset),
+                   backend, backends._global_backend, store_stats)
+            if weight is not None:
+                key += (type(weight), weight.dtype, weight.device, weight.shape)
+            if bias is not None:
+                key += (None, type(bias), bias.dtype, bias.device, bias.shape)  # None: bias facts are not weight's
+            if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
+                    or prenorm is not False or residual_in_fp32 is not False):  # add_*; others pass None, 0.0, False
+                key += (residual is None, dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32,
+                        type(residual_in_fp32))
+                if residual is not None:
+                    key += (type(residual), residual.dtype, residual.device, residual.shape)
+                if isinstance(residual_scale, Tensor):
+                    key += (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
+                else:
+                    key += ("scale", type(residual_scale), residual_scale)
+            plan = _PLANS.get(key)
         except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: checks say
             key = plan = None
         if plan is not None:

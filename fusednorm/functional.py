@@ -41,12 +41,11 @@ def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: 
     """The backend's arguments as (M, N) rows."""
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
-    variant = plan.variant
     return ForwardArgs(
-        _rows(x), _rows(residual) if residual is not None else None,
+        x if plan.is_rows and x.is_contiguous() else _rows(x), _rows(residual) if residual is not None else None,
         weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
         residual_scale.contiguous() if plan.learned_scale else None,
-        draw_seed(x.device) if variant.has_dropout else None, plan.eps, plan.scale_value, plan.dropout_p,
+        draw_seed(x.device) if plan.variant.has_dropout else None, plan.eps, plan.scale_value, plan.dropout_p,
         plan.weight_offset)
 
 
@@ -82,13 +81,16 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
     if torch.compiler.is_compiling():
         return _traced_call(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
-    _eager_checks()
+    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline: every call runs it
+        raise RuntimeError(FUNCTORCH_MESSAGE)
     plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                         weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
     if plan.direct:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
         return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
                              plan.dropout_p)
     if torch.is_grad_enabled():
+        if residual is None:  # fewer arguments: each costs in apply
+            return _NormNoResidual.apply(plan, x, weight, bias)
         return _Norm.apply(plan, x, residual, weight, bias, residual_scale)
     return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
 
@@ -191,6 +193,20 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_in=None):
         return _ordered(ctx, (None,) + _norm_backward(ctx, dy, dh_in))
+
+
+class _NormNoResidual(torch.autograd.Function):
+    """``_Norm`` for the calls without a residual (and so without a residual_scale): ``apply(plan, x, weight,
+    bias)``."""
+
+    @staticmethod
+    def forward(ctx, plan, x, weight, bias):
+        return _norm_forward(ctx, plan, x, None, weight, bias, None)
+
+    @staticmethod
+    def backward(ctx, dy, dh_in=None):
+        dx, _, dweight, dbias, _ = _norm_backward(ctx, dy, dh_in)
+        return _ordered(ctx, (None, dx, dweight, dbias))
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -29,18 +29,20 @@ from . import functional as F
 AUTOCAST_FP32_NORM_DEVICES = ("cuda",)
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)  # the x dtypes autocast may compute these norms in float32
+
+
 def autocast_norm_dtype(x: Tensor) -> torch.dtype:
     """The dtype torch.nn.LayerNorm / RMSNorm compute in and return for ``x`` under the current autocast
     state: float32 for 16-bit x under CUDA autocast, x's dtype otherwise."""
-    if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type in AUTOCAST_FP32_NORM_DEVICES
+    if (x.dtype in _AUTOCAST_DTYPES and x.device.type in AUTOCAST_FP32_NORM_DEVICES
             and torch.is_autocast_enabled(x.device.type)):
         return torch.float32
     return x.dtype
 
 
 def _flat(p: Tensor | None) -> Tensor | None:
-    """A normalized_shape-shaped parameter as (N,) (a 1-d one as it is: reshape would add a view per call)."""
-    return p.reshape(-1) if p is not None and p.dim() != 1 else p
+    return p.reshape(-1) if p is not None else None
 
 
 def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
@@ -76,7 +78,8 @@ def layer_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: 
     """torch.nn.functional.layer_norm's result (shape, dtype, autocast behaviour) computed by fusednorm.
     x: (..., *normalized_shape); weight, bias: normalized_shape or None."""
     rows = _normalized_rows(x, normalized_shape)
-    weight, bias = _flat(weight), _flat(bias)
+    if len(normalized_shape) != 1:  # parameters of normalized_shape (N,) are (N,) already (the checks say if not)
+        weight, bias = _flat(weight), _flat(bias)
     if autocast_norm_dtype(x) != x.dtype:  # CUDA autocast: torch casts input and parameters to float32
         rows = rows.float()
         weight, bias = (p.float() if p is not None else None for p in (weight, bias))
@@ -92,7 +95,8 @@ def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Te
     rows = _normalized_rows(x, normalized_shape)
     if autocast_norm_dtype(x) != x.dtype:
         rows = rows.float()
-    weight = _flat(weight)
+    if len(normalized_shape) != 1:
+        weight = _flat(weight)
     if weight is not None and weight.dtype not in (rows.dtype, torch.float32):
         weight = weight.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
     y = F._call(True, rows, None, weight, None, eps, None, 0.0, False, False, weight_offset, None)  # rms_norm
@@ -131,8 +135,11 @@ class LayerNorm(nn.LayerNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_like_torch(x, self.normalized_shape, _parameter(self, "weight"), _parameter(self, "bias"),
-                                     self.eps, self.weight_offset)
+        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        if type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape:
+            # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
+            return F._call(False, x, None, weight, bias, self.eps, None, 0.0, False, False, self.weight_offset, None)
+        return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
@@ -158,7 +165,11 @@ class RMSNorm(nn.RMSNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm_like_torch(x, self.normalized_shape, _parameter(self, "weight"), self.eps, self.weight_offset)
+        weight = _parameter(self, "weight")
+        if (type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape
+                and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
+            return F._call(True, x, None, weight, None, self.eps, None, 0.0, False, False, self.weight_offset, None)
+        return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
