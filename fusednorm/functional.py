@@ -173,7 +173,8 @@ def _ordered(ctx, grads: tuple) -> tuple:
 def _not_differentiable_again(grads: tuple) -> tuple:
     """With create_graph=True, gradients whose own backward raises a clear error: the backward kernels have
     no derivative (the torch backend's ops would otherwise record a partial, wrong one)."""
-    _eager_checks()
+    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline
+        raise RuntimeError(FUNCTORCH_MESSAGE)
     if not torch.is_grad_enabled():
         return grads
     present = [g for g in grads if g is not None]
@@ -192,7 +193,8 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
-        return _ordered(ctx, (None,) + _norm_backward(ctx, dy, dh_in))
+        # Gradients of inputs that need none are dropped by autograd: no needs_input_grad filter to pay for.
+        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in))
 
 
 class _NormNoResidual(torch.autograd.Function):
@@ -206,7 +208,7 @@ class _NormNoResidual(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh_in=None):
         dx, _, dweight, dbias, _ = _norm_backward(ctx, dy, dh_in)
-        return _ordered(ctx, (None, dx, dweight, dbias))
+        return _not_differentiable_again((None, dx, dweight, dbias))
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -218,12 +218,6 @@ class _AddNorm(nn.Module):
         scale = _parameter(self, "residual_scale")
         return scale if scale is not None else self.scale_constant
 
-    def _add_norm(self, is_rms: bool, x: Tensor, residual: Tensor | None):
-        """F.add_layer_norm / F.add_rms_norm with this module's parameters and options."""
-        return F._call(is_rms, x, residual, _parameter(self, "weight"), None if is_rms else _parameter(self, "bias"),
-                       self.eps, self._scale(), self.dropout_p if self.training else 0.0, self.prenorm,
-                       self.residual_in_fp32, self.weight_offset, None)
-
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
                 f"residual_scale={self.residual_scale_kind!r}, dropout_p={self.dropout_p}, "
@@ -246,7 +240,10 @@ class AddLayerNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return self._add_norm(False, x, residual)
+        # F.add_layer_norm's call, positionally (keyword arguments cost on every call)
+        p = self.dropout_p if self.training else 0.0
+        return F._call(False, x, residual, _parameter(self, "weight"), _parameter(self, "bias"), self.eps,
+                       self._scale(), p, self.prenorm, self.residual_in_fp32, self.weight_offset, None)
 
 
 class AddRMSNorm(_AddNorm):
@@ -259,4 +256,6 @@ class AddRMSNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return self._add_norm(True, x, residual)
+        p = self.dropout_p if self.training else 0.0  # F.add_rms_norm's call, positionally
+        return F._call(True, x, residual, _parameter(self, "weight"), None, self.eps, self._scale(), p, self.prenorm,
+                       self.residual_in_fp32, self.weight_offset, None)
