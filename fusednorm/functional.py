@@ -42,7 +42,8 @@ def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: 
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     return ForwardArgs(
-        x if plan.is_rows and x.is_contiguous() else _rows(x), _rows(residual) if residual is not None else None,
+        x if plan.is_rows and x.is_contiguous() else _rows(x),
+        None if residual is None else residual if plan.is_rows and residual.is_contiguous() else _rows(residual),
         weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
         residual_scale.contiguous() if plan.learned_scale else None,
         draw_seed(x.device) if plan.variant.has_dropout else None, plan.eps, plan.scale_value, plan.dropout_p,
