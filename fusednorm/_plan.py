@@ -124,14 +124,10 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
                 key += (None, type(bias), bias.dtype, bias.device, bias.shape)  # None: bias facts are not weight's
             if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
                     or prenorm is not False or residual_in_fp32 is not False):  # add_*; others pass None, 0.0, False
-                key += (residual is None, dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32,
-                        type(residual_in_fp32))
-                if residual is not None:
-                    key += (type(residual), residual.dtype, residual.device, residual.shape)
-                if isinstance(residual_scale, Tensor):
-                    key += (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
-                else:
-                    key += ("scale", type(residual_scale), residual_scale)
+                key += (dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32),
+                        None if residual is None else (type(residual), residual.dtype, residual.device, residual.shape),
+                        (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
+                        if isinstance(residual_scale, Tensor) else ("scale", type(residual_scale), residual_scale))
             plan = _PLANS.get(key)
         except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: checks say
             key = plan = None

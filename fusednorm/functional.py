@@ -92,6 +92,8 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
     if torch.is_grad_enabled():
         if residual is None:  # fewer arguments: each costs in apply
             return _NormNoResidual.apply(plan, x, weight, bias)
+        if not plan.learned_scale:  # a constant scale is in the plan
+            return _NormConstantScale.apply(plan, x, residual, weight, bias)
         return _Norm.apply(plan, x, residual, weight, bias, residual_scale)
     return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
 
@@ -210,6 +212,18 @@ class _NormNoResidual(torch.autograd.Function):
     def backward(ctx, dy, dh_in=None):
         dx, _, dweight, dbias, _ = _norm_backward(ctx, dy, dh_in)
         return _not_differentiable_again((None, dx, dweight, dbias))
+
+
+class _NormConstantScale(torch.autograd.Function):
+    """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, residual, weight, bias)``."""
+
+    @staticmethod
+    def forward(ctx, plan, x, residual, weight, bias):
+        return _norm_forward(ctx, plan, x, residual, weight, bias, None)
+
+    @staticmethod
+    def backward(ctx, dy, dh_in=None):
+        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in)[:4])
 
 
 class LayerNormFunction(torch.autograd.Function):
