@@ -1,7 +1,11 @@
 """Autograd Functions (Apex-style drop-ins) and the public functional API.
 
-Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
-dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
+A call's arguments are checked and described once per call signature (its plan: ``fusednorm._plan``, with
+the ``Variant``); the public functions hand the plan to the internal Functions ``_Norm*`` (the Apex-style
+``*Function`` classes look it up themselves), which flatten the leading dimensions to (M, N) rows and run
+the op layer of ``fusednorm.ops``. Every eager call pays this on the host (benchmarks/overhead.py): the
+hot path avoids what costs there (keyword calls, frozen dataclasses, per-call dicts and generators). It
+saves exactly
 ``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the residual beside h
 for a learned scale in the Pre-LN layout; the parameters the backward reads; per-row float32
 mean/rstd; the dropout seed), never a dropout mask.
