@@ -117,11 +117,9 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
     if not compiling and type(x) is Tensor:
         try:
             key = (is_rms, x.layout, x.dtype, x.device, x.shape, eps, type(eps), weight_offset, type(weight_offset),
-                   backend, backends._global_backend, store_stats)
-            if weight is not None:
-                key += (type(weight), weight.dtype, weight.device, weight.shape)
-            if bias is not None:
-                key += (None, type(bias), bias.dtype, bias.device, bias.shape)  # None: bias facts are not weight's
+                   backend, backends._global_backend, store_stats,
+                   None if weight is None else (type(weight), weight.dtype, weight.device, weight.shape),
+                   None if bias is None else (type(bias), bias.dtype, bias.device, bias.shape))
             if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
                     or prenorm is not False or residual_in_fp32 is not False):  # add_*; others pass None, 0.0, False
                 key += (dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32),
