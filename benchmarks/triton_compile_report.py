@@ -142,7 +142,9 @@ def specialization(name: str, args: tuple, kwargs: dict) -> tuple:
                 hints.append(i)
     options = []
     for arg, value in sorted(kwargs.items()):
-        if arg in ("num_warps", "num_stages"):
+        if arg == "maxnreg" and value is None:
+            continue  # ptxas chooses
+        if arg in ("num_warps", "num_stages", "maxnreg"):
             options.append((arg, value))
         else:
             signature.append((arg, "constexpr"))
@@ -222,8 +224,9 @@ def build_report(jobs: int, all_variants_too: bool) -> dict:
             spec = specialization(name, args, kwargs)
             launched_by.setdefault(spec, []).append(dict(sweep=sweep_name, variant=variant.name, dtype=dtype, N=n,
                                                          **{k: kwargs[k] for k in ("BLOCK_N", "ROWS", "BAND_CHUNKS",
-                                                                                   "NUM_CHUNKS", "NUM_STAGES")
-                                                            if k in kwargs}))
+                                                                                   "NUM_CHUNKS", "NUM_STAGES",
+                                                                                   "maxnreg")
+                                                            if kwargs.get(k) is not None}))
     specs = list(launched_by)
     start = time.time()
     with ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -57,8 +57,6 @@ def test_kernels_compile_for_sm90_without_spills_vectorized_and_prefetched():
             assert "128" in row["ld"], row
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 item 6 is open: the committed reports list the specializations "
-                   "that still spill at N <= 16384 (triton 3.8: 4, triton 3.6: 39); remove this mark when none do")
 def test_committed_report_has_no_spills_up_to_16384():
     major_minor = ".".join(triton.__version__.split(".")[:2])
     path = ROOT / "benchmarks" / "results" / f"triton_compile_report_{major_minor}.json"

@@ -71,7 +71,7 @@ def forward(variant: Variant, args: ForwardArgs) -> ForwardResult:
         *float_words(args.weight_offset), keep_threshold(args.dropout_p),
         COMPUTE=_tl_compute(x.dtype), BLOCK_N=cfg.block_n, ROWS=cfg.tile_rows, NUM_CHUNKS=cfg.num_chunks,
         NUM_STAGES=cfg.num_stages, PARAMS_PER_ROW=cfg.params_per_row,
-        num_warps=cfg.num_warps, **variant.triton_forward_flags(),
+        num_warps=cfg.num_warps, maxnreg=cfg.max_registers, **variant.triton_forward_flags(),
     )
     return out
 
@@ -112,7 +112,7 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
         keep_threshold(args.dropout_p),
         COMPUTE=_tl_compute(dy.dtype), BLOCK_N=cfg.block_n, ROWS=cfg.tile_rows, BAND_CHUNKS=cfg.band_chunks,
         MULTI_BAND=cfg.num_bands > 1, NUM_STAGES=cfg.num_stages, PARAMS_PER_ROW=cfg.params_per_row,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, maxnreg=cfg.max_registers,
         **variant.triton_backward_flags(has_dh_in=args.dh_in is not None),
     )
     if has_weight or has_bias or variant.learned_scale:

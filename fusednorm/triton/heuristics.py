@@ -19,16 +19,19 @@ elements / 512``, 1 to 32; rows of up to 1024 columns go ``TILE_ELEMENTS // BLOC
 twice, the second time right after the first, from L2). At 16384 columns (32 warps: at most 64
 registers per thread) a heavy variant or one with two or more (N,) parameters re-reads the parameters per
 row (``params_per_row``) instead of holding them (they spilled 4-120 B per thread), and so does 32-bit x
-with dropout and two or more (N,) parameters at 8192 columns; 32-bit x with dropout or row statistics
-takes chunks of 8192 from 16384 columns on (with statistics and neither residual nor dropout: 2048, 4 warps).
+with dropout and two or more (N,) parameters at 8192 columns; 32-bit x with dropout or row statistics, and
+row statistics with a residual, take chunks of 8192 with 32 warps from 16384 columns on (32-bit x with
+statistics and neither residual nor dropout: 2048, 4 warps).
 Programs:
 ``FORWARD_OVERSUBSCRIPTION`` x the reference chip's warp slots (the forward has no partials: more,
 smaller programs even out the waves on any chip).
 
 **Backward**, three shapes of work of the one kernel (backward.py):
 
-- N <= 1024: tiles of ``TILE_ELEMENTS // BLOCK_N`` rows (e.g. [4, 1024]) with 8 warps, so that a
-  program keeps 16-24 KB of loads per tile in flight (one 1024-wide row of 1-2 warps had 4-8 KB).
+- N <= 1024: tiles of ``TILE_ELEMENTS // BLOCK_N`` rows (e.g. [4, 1024]) with 8 warps (16 for heavy
+  variants: 8 elements per thread; at 8 warps triton 3.6 spilled 8-16 B in three at 128 registers; capped at
+  128 registers with triton >= 3.7, see ``BACKWARD_MAX_REGISTERS``), so that a program keeps 16-24 KB of
+  loads per tile in flight (one 1024-wide row of 1-2 warps had 4-8 KB).
 - N <= ``MAX_BLOCK_N_BACKWARD`` = 8192 (4096 for ``heavy`` variants or three column sums): one row per
   tile, the whole row in registers (16 elements per thread, 2-16 warps). The backward keeps ~10 float32
   values per column live (dy, xhat, g, the residual, the parameters, the column accumulators): at 8192
@@ -42,11 +45,13 @@ smaller programs even out the waves on any chip).
   thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
   row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
   after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
-  The band is 16384 columns with at most one (N,) column sum (rms_norm, add_rms_norm in either layout;
+  The band is 16384 columns with at most one column sum (rms_norm, add_rms_norm in either layout;
   heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
-  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; 32-bit x with dropout
-  halves it, except with two sums: 1024 x 2 spilled at 64 registers where 1024 x 4 did not): the widest
-  bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not monotonic in the band).
+  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; a 0-d scale's sum
+  counts; 32-bit x with dropout halves it, except with two (N,) sums: 1024 x 2 spilled at 64 registers where
+  1024 x 4 did not): the widest bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not
+  monotonic in the band). With triton >= 3.7 the chunked backward also caps ptxas at 128 registers
+  (``BACKWARD_MAX_REGISTERS``, the one Triton-version-dependent choice).
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
 one float32 partial row per column sum; one fixed-order reduction kernel then sums the partials. The
@@ -75,17 +80,27 @@ from ..variant import ScaleKind, Variant
 MAX_BLOCK_N = 16384
 MAX_BLOCK_N_BACKWARD = 8192
 # Chunked backward rows, 16 warps (column accumulators in registers: see the module docstring): (chunk
-# columns, chunks per band) by the number of (N,) column accumulators (dweight, dbias, an (N,) dscale: a
-# 0-d scale's sum is taken chunk by chunk into one value) and whether the variant is heavy (``heavy``). Sized
-# by the sm_90 compile reports: the accumulators take band * sums / 512 registers per thread, the rest of the
-# row's work 50-100 of the 128.
-CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (4096, 4), (2, False): (1024, 8), (3, False): (1024, 4),
-                    (0, True): (2048, 8), (1, True): (2048, 4), (2, True): (1024, 4), (3, True): (1024, 4)}
+# columns, chunks per band) by the number of column sums (``column_sums``: dweight, dbias, dscale -- a 0-d
+# scale counts too: its sum is taken chunk by chunk into one value, yet its reductions cost triton 3.6 as many
+# registers) and whether the variant is heavy (``heavy``). Sized by the sm_90 compile reports of triton 3.6
+# and 3.8: the accumulators take band * sums / 512 registers per thread, the rest of the row's work 50-100 of
+# the 128; one sum takes chunks of 2048 (4096 spilled 4-12 B on triton 3.6), heavy ones chunks of 1024
+# (2048 spilled 4-28 B on triton 3.6).
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (1024, 8), (3, False): (1024, 4),
+                    (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 4), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
 # three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
+# The one Triton-version-dependent choice (ptxas differs: triton 3.6 bundles CUDA 12.8's, 3.8 CUDA 12.9's).
+# ptxas's register cap (maxnreg) for the 16-warp backward launches of several chunks or rows (chunked rows;
+# heavy variants' tiles): what one 16-warp CTA per SM may use, the residency the row partition assumes
+# (BACKWARD_RESIDENT_WARPS). Without it triton 3.8's ptxas squeezed 12 of them into 64 registers for a second
+# CTA, spilling 4-28 B per thread; with it they take 100-128 and spill none. Triton 3.6's ptxas takes up to
+# 128 by itself, and the explicit cap made one spill there (32 B): no cap below 3.7.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+BACKWARD_MAX_REGISTERS = 65536 // (32 * CHUNKED_BACKWARD_WARPS) if TRITON_VERSION >= (3, 7) else None
 # One-pass blocks this wide re-read the (N,) parameters per row (LaunchConfig.params_per_row, a launch
 # constexpr; read per call, so tests can lower them): the backward's when the scale is learned, the
 # forward's for heavy variants or two or more (N,) parameters.
@@ -97,6 +112,10 @@ FORWARD_MAX_BLOCK_N_WIDE_DROPOUT = 8192
 # 32-bit x with row statistics (no residual, no dropout) from 16384 columns on: chunks of 2048 (4 warps);
 # chunks of 8192 spilled 4-16 B (rms_norm triton 3.8, layer_norm triton 3.6).
 FORWARD_STATS_CHUNK = 2048
+# Chunks of FORWARD_MAX_BLOCK_N_WIDE_DROPOUT (32-bit x with dropout; row statistics with a residual, any dtype)
+# take 32 warps, 8 elements per thread: at 16 warps triton 3.6 spilled 4 B (ptxas packed 64 registers for a
+# second CTA), and 16-bit rows with statistics and a residual spilled 24-28 B in one pass of 16384 (32 warps).
+FORWARD_HEAVY_CHUNK_WARPS = 32
 TILE_ELEMENTS = 4096
 MAX_TILE_ROWS = 16
 
@@ -115,7 +134,8 @@ class LaunchConfig:
     """One kernel call: ``num_programs`` programs of ``rows_per_program`` rows (a multiple of
     ``tile_rows``), tiles of ``tile_rows`` x ``block_n``; a row is ``num_chunks`` column blocks, taken
     ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch;
-    ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers."""
+    ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers;
+    ``max_registers``: ptxas's register cap per thread (Triton's ``maxnreg``), None: ptxas chooses."""
 
     block_n: int
     num_chunks: int
@@ -126,6 +146,7 @@ class LaunchConfig:
     num_stages: int = 1
     band_chunks: int = 1
     params_per_row: bool = False
+    max_registers: int | None = None
 
     @property
     def num_bands(self) -> int:
@@ -163,33 +184,47 @@ def heavy(variant: Variant, dtype: torch.dtype) -> bool:
             or (variant.prenorm and variant.learned_scale))
 
 
+def _forward_block(cols: int, block_n: int, variant: Variant, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """block_config's forward (see the module docstring)."""
+    wide = dtype.itemsize > 2
+    # 16 float32 values and a Philox stream (or row statistics) per thread, or row statistics with a residual
+    heavy_row = (wide and (variant.has_dropout or variant.store_stats)
+                 or (variant.store_stats and variant.has_residual))
+    cap = min(MAX_BLOCK_N, FORWARD_MAX_BLOCK_N_WIDE_DROPOUT) if heavy_row else MAX_BLOCK_N
+    if block_n <= cap:
+        rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n)) if block_n <= 1024 else 1
+        return block_n, 1, _warps(rows * block_n), rows, 1
+    if wide and variant.store_stats and not (variant.has_dropout or variant.has_residual):
+        cap = min(cap, FORWARD_STATS_CHUNK)
+        return cap, triton.cdiv(cols, cap), _warps(cap), 1, 1
+    return cap, triton.cdiv(cols, cap), FORWARD_HEAVY_CHUNK_WARPS if heavy_row else _warps(cap), 1, 1
+
+
 def block_config(cols: int, backward: bool, variant: Variant | None = None,
                  dtype: torch.dtype = torch.bfloat16) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, NUM_CHUNKS, num_warps, tile rows, chunks per band) for rows of ``cols`` columns of
     ``variant`` with x of ``dtype`` (see the module docstring)."""
     block_n = triton.next_power_of_2(cols)
     variant = variant or Variant()
-    cap = MAX_BLOCK_N
-    if not backward and dtype.itemsize > 2 and (variant.has_dropout or variant.store_stats):
-        cap = min(MAX_BLOCK_N, FORWARD_MAX_BLOCK_N_WIDE_DROPOUT)  # 16 float32 values and Philox per thread
-    if backward:
-        light = column_sums(variant) < 3 and not heavy(variant, dtype)
-        cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD if light else MAX_BLOCK_N_BACKWARD_HEAVY)
-    if block_n > cap and not backward:
-        if dtype.itemsize > 2 and variant.store_stats and not (variant.has_dropout or variant.has_residual):
-            cap = min(cap, FORWARD_STATS_CHUNK)
-        return cap, triton.cdiv(cols, cap), _warps(cap), 1, 1
+    if not backward:
+        return _forward_block(cols, block_n, variant, dtype)
+    light = column_sums(variant) < 3 and not heavy(variant, dtype)
+    cap = min(MAX_BLOCK_N, MAX_BLOCK_N_BACKWARD if light else MAX_BLOCK_N_BACKWARD_HEAVY)
     if block_n > cap:
-        vector_sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)
-        chunk, band_chunks = CHUNKED_BACKWARD[vector_sums, heavy(variant, dtype)]
+        sums = column_sums(variant)
+        chunk, band_chunks = CHUNKED_BACKWARD[sums, heavy(variant, dtype)]
+        vector_sums = sums - (variant.scale_kind == ScaleKind.SCALAR)
         if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2:
             # 32-bit values and a Philox stream: half the band (with two sums 1024 x 2 spilled 4-12 B at 64
             # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills)
             band_chunks = max(2, band_chunks // 2)
         block_n = min(MAX_BLOCK_N, chunk)
         return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
-    rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n)) if block_n <= 1024 else 1
-    return block_n, 1, _warps(rows * block_n), rows, 1
+    if block_n <= 1024:
+        # Tiles of several rows; heavy variants with twice the warps (8 elements per thread)
+        rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n))
+        return block_n, 1, _warps(rows * block_n * (2 if heavy(variant, dtype) else 1)), rows, 1
+    return block_n, 1, _warps(block_n), 1, 1
 
 
 def _tile_input_bytes(variant: Variant, dtype: torch.dtype, backward: bool) -> int:
@@ -224,5 +259,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
         stage_bytes = tile_rows * block_n * _tile_input_bytes(variant, dtype, backward)
         fits = PREFETCH_STAGES * stage_bytes <= PREFETCH_SMEM_BYTES
         stages = PREFETCH_STAGES if fits and not params_per_row else 1
+    several = band_chunks > 1 or tile_rows > 1
+    max_registers = BACKWARD_MAX_REGISTERS if backward and num_warps == CHUNKED_BACKWARD_WARPS and several else None
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
-                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row)
+                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers)
