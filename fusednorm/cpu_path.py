@@ -2,32 +2,179 @@
 torch backend computes.
 
 On the CPU there is no fused kernel: the "torch" backend is a reference written for clarity. For the calls
-that ATen's composed ops (add, F.layer_norm / F.rms_norm, and a seed-regenerated dropout that saves no
-mask) compute with the same roundings and the same saved-tensor budget, the eager layer
-(``fusednorm.functional``) calls ``call`` instead of the autograd Function, so a CPU model costs what
-torch.nn's own modules cost. ``usable`` decides, once per call signature (the plan cache of
-``fusednorm.functional``), from facts that signature holds: dtypes, devices, the Variant, the backend.
+that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) calls
+``call`` instead of the autograd Function, so a CPU model costs what torch.nn's own modules cost:
 
-STUB: ``usable`` returns False until the CPU path is built; ``call`` is its interface.
+- h = residual * s + dropout(x): ``x + residual`` (ATen rounds the float32 sum once to h's dtype, as the
+  backend does) when there is no scale, no dropout and no dtype change; otherwise ``_PreNormSum``, a small
+  autograd Function that computes h in float32 exactly as the backend does (the same products and sums,
+  rounded once to h's dtype) and saves only the residual (for a learned scale) and the dropout seed: its
+  backward regenerates the mask (``fusednorm.dropout``, compiled code on the CPU) and never stores one.
+- the norm: ``F.layer_norm`` / ``F.rms_norm`` with their ATen backward, on h as stored (DESIGN section 2: the
+  backward rebuilds xhat from the very h the statistics were taken of); the affine parameters in h's dtype,
+  or upcast to float32 (exact) where their dtype differs, ``weight + weight_offset`` summed in float32.
+
+``usable`` decides, once per call signature (the plan cache of ``fusednorm.functional``), from facts that
+signature holds: dtypes, devices, shapes, the Variant, the backend. What it leaves to the Function path:
+
+- float64 x: ATen's LayerNorm backward takes xhat as h * rstd - mean * rstd and misses DESIGN section 6's
+  bound for a constant float64 row with eps = 1e-60 (tests/test_host_scalars.py), and gradcheck must stay
+  exact; the Function path (centered rows) is kept for every float64 call.
+- LayerNorm at N = 1: the same cancellation in ATen's dweight (2.6e-5 against a bound of 3.8e-6).
+- telemetry (the row statistics of ``store_stats``), non-CPU devices, backends other than "torch".
+
+Results differ from the Function path's only in the last bits of 16-bit gradients that autograd rounds
+between ops (dh in h's dtype before dresidual = dh * s or the Pre-LN sum dh + dh_in): within section 6,
+as torch's own composed ops are; h and y are the backend's (h bit for bit).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .variant import Variant
+from .backends.contract import compute_dtype
+from .dropout import draw_seed, dropout_keep_mask
+from .variant import ScaleKind, Variant
+
+_FLOAT_16_32 = (torch.float16, torch.bfloat16, torch.float32)
+_enabled = True
+
+
+def enabled() -> bool:
+    """Whether eligible calls take the direct path (tests turn it off with ``disabled``)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run every call through the autograd Function (the torch backend itself), e.g. to test that backend.
+    The eager layer's plan cache, which remembers ``usable``'s answer per signature, is cleared on the way
+    in and out."""
+    global _enabled
+    from . import functional
+
+    previous, _enabled = _enabled, False
+    functional._PLANS.clear()
+    try:
+        yield
+    finally:
+        _enabled = previous
+        functional._PLANS.clear()
 
 
 def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
            bias: Tensor | None, residual_scale: float | Tensor | None, weight_offset: float) -> bool:
     """True when ``call`` computes this call exactly as the torch backend would (eager, plain CPU tensors,
-    backend "torch", no telemetry). Depends only on types, dtypes, devices and the Variant."""
-    return False
+    backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes and the Variant."""
+    if not _enabled or backend != "torch" or variant.store_stats:
+        return False
+    tensors = [t for t in (x, residual, weight, bias, residual_scale) if isinstance(t, Tensor)]
+    if any(type(t) is not Tensor or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False
+    if x.dtype not in _FLOAT_16_32 or (residual is not None and residual.dtype not in _FLOAT_16_32):
+        return False
+    if x.dim() == 0 or x.numel() == 0:
+        return False
+    return variant.is_rms or x.shape[-1] > 1
 
 
 def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-         residual_scale: float | Tensor | None, eps: float, scale_value: float,
-         dropout_p: float) -> Tensor | tuple[Tensor, Tensor]:
+         residual_scale: float | Tensor | None, eps: float, scale_value: float, dropout_p: float,
+         weight_offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """y, or (y, h) for a Pre-LN variant, in x's shape, differentiable by autograd (x, residual: (..., N) as
-    the caller gave them; weight, bias: (N,); residual_scale: as given)."""
-    raise NotImplementedError("fusednorm.cpu_path.call: the CPU path is not built yet")
+    the caller gave them; weight, bias: (N,); residual_scale: as given). y in x's dtype; h in
+    ``variant.h_dtype(x.dtype)``; each gradient in its input's dtype. The affine weight is
+    (weight + weight_offset), summed in float32 (Gemma's (1 + w))."""
+    h_dtype = variant.h_dtype(x.dtype)
+    if not variant.has_residual and not variant.has_dropout and not variant.prenorm:
+        h = x
+    elif (variant.has_residual and variant.scale_kind == ScaleKind.NONE and not variant.has_dropout
+          and torch.promote_types(x.dtype, residual.dtype) == h_dtype):
+        h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
+    else:
+        # Stored h (Pre-LN, or Post-LN without a learned scale): in h's dtype. Not stored: in the compute
+        # dtype, as the backend normalizes it.
+        out_dtype = h_dtype if variant.store_h else compute_dtype(x.dtype)
+        scale = residual_scale if variant.learned_scale else None
+        seed = draw_seed(x.device) if variant.has_dropout else None
+        h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, out_dtype)
+    y = _normalized(variant, h, weight, bias, eps, weight_offset)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return (y, h) if variant.prenorm else y
+
+
+def _normalized(variant: Variant, h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
+                weight_offset: float) -> Tensor:
+    """LayerNorm / RMSNorm of h over its last dimension with ATen's ops; the parameters in h's dtype when
+    they all have it, else in float32 (exact for 16-bit parameters: the backend computes in float32)."""
+    params = [p for p in (weight, bias) if p is not None]
+    p_dtype = h.dtype if all(p.dtype == h.dtype for p in params) and weight_offset == 0.0 else torch.float32
+    if weight is not None and weight_offset != 0.0:
+        weight = weight.to(torch.float32) + weight_offset
+    weight = weight.to(p_dtype) if weight is not None else None
+    bias = bias.to(p_dtype) if bias is not None else None
+    shape = (h.shape[-1],)
+    if variant.is_rms:
+        return F.rms_norm(h, shape, weight, eps)
+    return F.layer_norm(h, shape, weight, bias, eps)
+
+
+class _PreNormSum(torch.autograd.Function):
+    """h = residual * s + dropout(x), computed in float32 (float64 for float64 x) as the torch backend does
+    and rounded once to ``out_dtype``. Saves the residual only for a learned scale (ds reads it), and the
+    dropout seed, never a mask."""
+
+    @staticmethod
+    def forward(ctx, x, residual, scale, seed, p, scale_value, out_dtype):
+        cd = compute_dtype(x.dtype)
+        branch = x.to(cd)
+        if seed is not None:
+            keep = dropout_keep_mask(seed, branch.numel() // branch.shape[-1], branch.shape[-1], p)
+            # (x * c) * keep == x * (keep * c): one rounding of the product, as the backend computes it.
+            branch = branch * (1.0 / (1.0 - p))
+            branch.mul_(keep.view(branch.shape))
+        if residual is None:
+            h = branch if branch is not x else branch.clone()
+        else:
+            stream = residual.to(cd)
+            if scale is not None:
+                stream = stream * scale.to(cd)
+            elif scale_value != 1.0:
+                stream = stream * scale_value
+            elif stream is residual:
+                stream = stream.clone()
+            h = stream.add_(branch)
+        ctx.save_for_backward(residual if scale is not None else None, scale, seed)
+        ctx.facts = (p, scale_value, x.dtype, residual.dtype if residual is not None else None)
+        return h.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dh):
+        residual, scale, seed = ctx.saved_tensors
+        p, scale_value, x_dtype, residual_dtype = ctx.facts
+        cd = compute_dtype(x_dtype)
+        dhf = dh.to(cd)
+        dx = dhf
+        if seed is not None:
+            keep = dropout_keep_mask(seed, dhf.numel() // dhf.shape[-1], dhf.shape[-1], p).view(dhf.shape)
+            dx = (dhf * (1.0 / (1.0 - p))).mul_(keep)
+        dx = dx.to(x_dtype)
+        dresidual = dscale = None
+        if residual_dtype is not None and ctx.needs_input_grad[1]:
+            if scale is not None:
+                dresidual = dhf * scale.to(cd)
+            elif scale_value != 1.0:
+                dresidual = dhf * scale_value
+            else:
+                dresidual = dhf
+            dresidual = dresidual.to(residual_dtype)
+        if scale is not None and ctx.needs_input_grad[2]:
+            per_column = (dhf * residual.to(cd)).reshape(-1, dhf.shape[-1]).sum(0)
+            dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
+        return dx, dresidual, dscale, None, None, None, None
