@@ -1,8 +1,9 @@
 """Host cost per call of every fusednorm op and module against ATen (issue 15, item 1).
 
 On the CPU the kernels are stubbed: the backend fusednorm resolves to is replaced by one that returns
-preallocated results of the right shapes (``StubBackend``), so what is timed is everything fusednorm
-does around a kernel launch: argument checks, Variant, autograd, the op layer, reshapes, allocations of
+preallocated results of the right shapes (``StubBackend``), and the CPU path (``fusednorm.cpu_path``: ATen's
+own ops on CPU tensors, no backend) is switched off, so what is timed is everything fusednorm does around a
+kernel launch on any device: argument checks, Variant, autograd, the op layer, reshapes, allocations of
 small tensors. The references are ATen's own calls, compute included (at 4x64 float32 it is small):
 
 - forward: ``F.layer_norm`` / ``F.rms_norm``'s whole call (the goal: fusednorm's forward <= 2x it);
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusednorm  # noqa: E402
-from fusednorm import backends  # noqa: E402
+from fusednorm import _plan, backends, cpu_path  # noqa: E402
 from fusednorm.backends.contract import allocate_backward, allocate_forward  # noqa: E402
 
 FORWARD_GOAL, TRAIN_GOAL = 2.0, 1.5
@@ -62,11 +63,19 @@ class StubBackend:
 
 
 def install_stub() -> Callable[[], None]:
-    """Make every backend name resolve to the stub; returns the function that undoes it."""
-    real = backends.implementation
+    """Make every backend name resolve to the stub, and keep every call on the autograd Function / backend
+    path: the CPU path (``fusednorm.cpu_path``, ATen's own ops instead of the backend on the CPU) is switched
+    off, so what is timed is the layer every device's calls go through. Returns the function that undoes it."""
+    real_implementation, real_usable = backends.implementation, cpu_path.usable
     stub = StubBackend()
     backends.implementation = lambda name: stub
-    return lambda: setattr(backends, "implementation", real)
+    cpu_path.usable = lambda *args: False
+    _plan.clear()  # plans cached before decided cpu_path.usable with the real one
+
+    def undo():
+        backends.implementation, cpu_path.usable = real_implementation, real_usable
+        _plan.clear()
+    return undo
 
 
 def per_call_us(fn: Callable[[], object], calls: int, repeats: int) -> float:

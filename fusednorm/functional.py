@@ -9,18 +9,16 @@ mean/rstd; the dropout seed), never a dropout mask.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import _validate, backends, ops
+from . import _plan, cpu_path, ops
 from .backends.contract import BackwardArgs, ForwardArgs, compute_dtype
 from .dropout import draw_seed
-from .variant import ScaleKind, Variant
+from .variant import Variant
 
 ResidualScale = float | Tensor | None
 
@@ -47,117 +45,26 @@ def _unit_stride(p: Tensor | None) -> Tensor | None:
     return p.contiguous() if p is not None else None
 
 
-def _scale_kind(residual_scale: ResidualScale) -> ScaleKind:
-    if isinstance(residual_scale, Tensor):
-        return ScaleKind.VECTOR if residual_scale.dim() == 1 else ScaleKind.SCALAR
-    if residual_scale is None or float(residual_scale) == 1.0:
-        return ScaleKind.NONE
-    return ScaleKind.CONSTANT
-
-
-class _Plan(NamedTuple):
-    """What a call's checked arguments decide, cached per call signature (see ``_signature``)."""
-
-    variant: Variant
-    backend: str  # resolved in eager mode; as given (maybe "auto") when traced
-    eps: float
-    scale_value: float
-    dropout_p: float
-    weight_offset: float
-    saved: tuple[str, ...]  # variant.saved
-    bias_dtype: torch.dtype | None
-    x_dtype: torch.dtype
-
-
-# Eager calls repeat the same signature (one per norm of a model): its checks and Variant are computed once.
-_PLANS: dict[tuple, _Plan] = {}
-_MAX_PLANS = 4096
-
-
-def _tensor_signature(t) -> tuple | None:
-    return None if t is None else (type(t), t.layout, t.dtype, t.device, t.shape)
-
-
-def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-               weight_offset, backend, store_stats, compiling: bool) -> tuple | None:
-    """Everything the checks and the plan depend on, as a hashable key; None when the call is not a plain
-    eager one (the full checks then run, and raise with their exact messages if something is off). Python
-    scalars go in with their types: True == 1.0 as keys, but the checks treat them differently."""
-    if type(x) is not Tensor or compiling:
-        return None
-    scale = _tensor_signature(residual_scale) if isinstance(residual_scale, Tensor) else (
-        type(residual_scale), residual_scale)
-    return (is_rms, x.layout, x.dtype, x.device, x.shape, _tensor_signature(residual), _tensor_signature(weight),
-            _tensor_signature(bias), scale, type(eps), eps, type(dropout_p), dropout_p, prenorm, type(prenorm),
-            residual_in_fp32, type(residual_in_fp32), type(weight_offset), weight_offset, backend,
-            backends.get_backend(), store_stats)
-
-
-def _checked_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                  residual_in_fp32, weight_offset, backend: str | None, store_stats: bool) -> _Plan:
-    """Validate a call (TypeError/ValueError naming a bad argument) and describe it."""
-    if type(x) is not Tensor and not torch.compiler.is_compiling():
-        _register_dtensor_rules(x)
-    _validate.check_input(x)
-    _validate.check_residual(residual, x)
-    _validate.check_param("weight", weight, x)
-    _validate.check_param("bias", bias, x)
-    eps = _validate.check_eps(eps)
-    _validate.check_residual_scale(residual_scale, residual, x)
-    dropout_p = _validate.check_dropout_p(dropout_p)
-    prenorm = _validate.check_flag("prenorm", prenorm)
-    residual_in_fp32 = _validate.check_flag("residual_in_fp32", residual_in_fp32)
-    weight_offset = _validate.check_weight_offset(weight_offset, weight)
-    name = backends.resolve(backend, x.device)
-    if torch.compiler.is_compiling():
-        name = backends.get_backend() if backend is None else backend
-    variant = Variant.from_call(
-        is_rms=is_rms, x_dtype=x.dtype, residual_dtype=residual.dtype if residual is not None else None,
-        scale_kind=_scale_kind(residual_scale), dropout_p=dropout_p, prenorm=prenorm,
-        residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None,
-        store_stats=store_stats)
-    scale_value = float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0
-    return _Plan(variant, name, eps, scale_value, dropout_p, weight_offset, variant.saved,
-                 bias.dtype if bias is not None else None, x.dtype)
-
-
-def _prepare(is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps,
-             residual_scale: ResidualScale, dropout_p, prenorm, residual_in_fp32, weight_offset, backend: str | None,
-             sink, compiling: bool) -> tuple[_Plan, ForwardArgs]:
-    """Validate a call and describe it: (its plan, the backend's arguments as (M, N) rows).
-
-    The name is resolved ("auto" -> a backend) in eager mode; traced calls keep the name as given (the op
-    resolves it when it runs), after checking here that it can run on x's device."""
-    call = (is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-            weight_offset, backend, sink is not None)
-    try:
-        key = _signature(*call, compiling)
-        plan = _PLANS.get(key) if key is not None else None
-    except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: the checks say so
-        key = plan = None
-    if plan is None:
-        plan = _checked_plan(*call)
-        if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
-    variant = plan.variant
+def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
+                  bias: Tensor | None, residual_scale: ResidualScale) -> ForwardArgs:
+    """The backend's arguments as (M, N) rows."""
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
-    args = ForwardArgs(
+    variant = plan.variant
+    return ForwardArgs(
         x=_rows(x), residual=_rows(residual) if residual is not None else None, weight=_unit_stride(weight),
         bias=_unit_stride(bias), residual_scale=_unit_stride(residual_scale) if variant.learned_scale else None,
         seed=draw_seed(x.device) if variant.has_dropout else None, eps=plan.eps, scale_value=plan.scale_value,
         dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
-    return plan, args
 
 
 def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                  weight_offset, backend):
     """Under torch.compile / torch.export: ``fusednorm::fwd`` with its own autograd formula, no autograd
     Function around it (what an exported program keeps; the backend name stays as given, "auto" included)."""
-    plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                          residual_in_fp32, weight_offset, backend, None, True)
+    plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                        residual_in_fp32, weight_offset, backend, False, True)
+    args = _forward_args(plan, x, residual, weight, bias, residual_scale)
     variant = plan.variant
     out = ops.fwd(args.x, args.residual, args.weight, args.bias, args.residual_scale, args.seed, variant.flags,
                   args.eps, args.scale_value, args.dropout_p, args.weight_offset, plan.backend)
@@ -165,14 +72,34 @@ def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, d
     return (y, out[1].view(x.shape)) if variant.prenorm else y
 
 
-def _norm_forward(ctx, is_rms: bool, x: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None, eps, residual_scale: ResidualScale, dropout_p, prenorm,
-                  residual_in_fp32, weight_offset, backend: str | None):
+def _applied_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                  residual_in_fp32, weight_offset, backend) -> _plan.Plan:
+    """The plan of a Function applied directly (``LayerNormFunction.apply(...)``, also under torch.compile)."""
+    compiling = torch.compiler.is_compiling()
+    store_stats = not compiling and stats_sink.get() is not None
+    return _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                        weight_offset, backend, store_stats, compiling)
+
+
+def _eager_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                weight_offset, backend) -> _plan.Plan:
+    """The plan of an eager call of a public function (telemetry asked while a monitor is active)."""
+    _eager_checks()
+    return _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                        weight_offset, backend, stats_sink.get() is not None, False)
+
+
+def _direct(plan: _plan.Plan, x, residual, weight, bias, residual_scale):
+    """The CPU path's result (``fusednorm.cpu_path``; autograd records ATen's own ops)."""
+    return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
+                         plan.dropout_p)
+
+
+def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
+                  bias: Tensor | None, residual_scale: ResidualScale):
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
-    compiling = torch.compiler.is_compiling()  # only when a Function is applied under torch.compile directly
-    sink = None if compiling else stats_sink.get()
-    plan, args = _prepare(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                          residual_in_fp32, weight_offset, backend, sink, compiling)
+    sink = stats_sink.get() if plan.variant.store_stats else None
+    args = _forward_args(plan, x, residual, weight, bias, residual_scale)
     out = ops.forward(plan.variant, args, plan.backend)
     if sink is not None:
         sink(out.stats, args.x.shape[-1])
@@ -198,16 +125,6 @@ def _saved_tensor(name: str, args: ForwardArgs, out, x: Tensor, residual: Tensor
     if name == "residual":
         return residual
     return getattr(args, name)
-
-
-def _register_dtensor_rules(x) -> None:
-    """DTensors reach the custom ops through sharding rules (fusednorm.distributed), registered at the
-    first DTensor call so that ``import fusednorm`` never imports torch.distributed."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
-    if dtensor is not None and isinstance(x, dtensor.DTensor):
-        from . import distributed
-
-        distributed.register_sharding_rules()
 
 
 def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
@@ -275,8 +192,10 @@ class LayerNormFunction(torch.autograd.Function):
     """``LayerNormFunction.apply(x, weight=None, bias=None, eps=1e-5[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None):
-        return _norm_forward(ctx, False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None, plan=None):
+        if plan is None:
+            plan = _applied_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+        return _norm_forward(ctx, plan, x, None, weight, bias, None)
 
     @staticmethod
     def backward(ctx, dy):
@@ -287,9 +206,11 @@ class RMSNormFunction(torch.autograd.Function):
     """``RMSNormFunction.apply(x, weight=None, eps=1e-6[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None):
-        return _norm_forward(ctx, True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
-                             weight_offset, backend)
+    def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None, plan=None):
+        if plan is None:
+            plan = _applied_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
+                                 weight_offset, backend)
+        return _norm_forward(ctx, plan, x, None, weight, None, None)
 
     @staticmethod
     def backward(ctx, dy):
@@ -302,9 +223,11 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias=None, eps=1e-5, residual_scale=None, dropout_p=0.0,
-                prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None):
-        return _norm_forward(ctx, False, x, residual, weight, bias, eps, residual_scale, dropout_p,
-                             prenorm, residual_in_fp32, weight_offset, backend)
+                prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None, plan=None):
+        if plan is None:
+            plan = _applied_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                                 residual_in_fp32, weight_offset, backend)
+        return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -318,9 +241,11 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps=1e-6, residual_scale=None, dropout_p=0.0, prenorm=False,
-                residual_in_fp32=False, weight_offset=0.0, backend=None):
-        return _norm_forward(ctx, True, x, residual, weight, None, _rms_eps(eps, x), residual_scale,
-                             dropout_p, prenorm, residual_in_fp32, weight_offset, backend)
+                residual_in_fp32=False, weight_offset=0.0, backend=None, plan=None):
+        if plan is None:
+            plan = _applied_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
+                                 prenorm, residual_in_fp32, weight_offset, backend)
+        return _norm_forward(ctx, plan, x, residual, weight, None, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -359,10 +284,12 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     """
     if torch.compiler.is_compiling():
         return _traced_call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
-    _eager_checks()
+    plan = _eager_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    if plan.direct:
+        return _direct(plan, x, None, weight, bias, None)
     if not torch.is_grad_enabled():  # inference: no autograd Function, nothing saved
-        return _norm_forward(None, False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
-    return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend)
+        return _norm_forward(None, plan, x, None, weight, bias, None)
+    return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend, plan)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, *, weight_offset: float = 0.0,
@@ -376,11 +303,13 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     if torch.compiler.is_compiling():
         return _traced_call(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
                             backend)
-    _eager_checks()
+    plan = _eager_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
+                       backend)
+    if plan.direct:
+        return _direct(plan, x, None, weight, None, None)
     if not torch.is_grad_enabled():
-        return _norm_forward(None, True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
-                             weight_offset, backend)
-    return RMSNormFunction.apply(x, weight, eps, weight_offset, backend)
+        return _norm_forward(None, plan, x, None, weight, None, None)
+    return RMSNormFunction.apply(x, weight, eps, weight_offset, backend, plan)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,
@@ -398,12 +327,14 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     if torch.compiler.is_compiling():
         return _traced_call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
-    _eager_checks()
+    plan = _eager_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                       weight_offset, backend)
+    if plan.direct:
+        return _direct(plan, x, residual, weight, bias, residual_scale)
     if not torch.is_grad_enabled():
-        return _norm_forward(None, False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                             residual_in_fp32, weight_offset, backend)
+        return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
     return AddLayerNormFunction.apply(x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                      residual_in_fp32, weight_offset, backend)
+                                      residual_in_fp32, weight_offset, backend, plan)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = 1e-6, *,
@@ -414,9 +345,11 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
     if torch.compiler.is_compiling():
         return _traced_call(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
-    _eager_checks()
+    plan = _eager_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
+                       residual_in_fp32, weight_offset, backend)
+    if plan.direct:
+        return _direct(plan, x, residual, weight, None, residual_scale)
     if not torch.is_grad_enabled():
-        return _norm_forward(None, True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
-                             prenorm, residual_in_fp32, weight_offset, backend)
+        return _norm_forward(None, plan, x, residual, weight, None, residual_scale)
     return AddRMSNormFunction.apply(x, residual, weight, eps, residual_scale, dropout_p, prenorm,
-                                    residual_in_fp32, weight_offset, backend)
+                                    residual_in_fp32, weight_offset, backend, plan)
