@@ -36,6 +36,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .backends.contract import compute_dtype
 from .dropout import draw_seed, dropout_keep_mask
@@ -56,15 +57,15 @@ def disabled() -> Iterator[None]:
     The eager layer's plan cache, which remembers ``usable``'s answer per signature, is cleared on the way
     in and out."""
     global _enabled
-    from . import functional
+    from . import _plan
 
     previous, _enabled = _enabled, False
-    functional._PLANS.clear()
+    _plan.clear()
     try:
         yield
     finally:
         _enabled = previous
-        functional._PLANS.clear()
+        _plan.clear()
 
 
 def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
@@ -121,7 +122,10 @@ def _normalized(variant: Variant, h: Tensor, weight: Tensor | None, bias: Tensor
     bias = bias.to(p_dtype) if bias is not None else None
     shape = (h.shape[-1],)
     if variant.is_rms:
-        return F.rms_norm(h, shape, weight, eps)
+        return _RMSNorm.apply(h, weight, eps)
+    if weight is None and bias is not None and p_dtype != h.dtype:
+        # ATen's mixed-dtype LayerNorm backward (16-bit h, float32 parameters) needs a weight: xhat * 1 is exact.
+        weight = torch.ones(shape, dtype=p_dtype)
     return F.layer_norm(h, shape, weight, bias, eps)
 
 
@@ -167,14 +171,46 @@ class _PreNormSum(torch.autograd.Function):
         dx = dx.to(x_dtype)
         dresidual = dscale = None
         if residual_dtype is not None and ctx.needs_input_grad[1]:
-            if scale is not None:
+            if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
+                dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
+            elif scale is not None:
                 dresidual = dhf * scale.to(cd)
             elif scale_value != 1.0:
                 dresidual = dhf * scale_value
             else:
                 dresidual = dhf
-            dresidual = dresidual.to(residual_dtype)
+            dresidual = dresidual.to(residual_dtype) if dresidual is not dx else dx
         if scale is not None and ctx.needs_input_grad[2]:
             per_column = (dhf * residual.to(cd)).reshape(-1, dhf.shape[-1]).sum(0)
             dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
         return dx, dresidual, dscale, None, None, None, None
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with the torch backend's arithmetic: ATen's fused CPU forward (aten._fused_rms_norm) in the
+    compute dtype, and the backend's backward (ATen has no fused RMSNorm backward on the CPU; its composite
+    one, through rsqrt's derivative rstd^3, overflows float32 for eps below ~1e-26 and gives NaN for a row of
+    zeros: tests/test_host_scalars.py). Saves h as given (the stored h, or the float32 h), the weight and
+    the (M, 1) rstd. Not twice differentiable (like the autograd Functions of fusednorm.functional)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, eps):
+        cd = compute_dtype(h.dtype)
+        w = weight.to(cd) if weight is not None else None
+        y, rstd = torch.ops.aten._fused_rms_norm(h.to(cd), [h.shape[-1]], w, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        h, weight, rstd = ctx.saved_tensors
+        cd = compute_dtype(h.dtype)
+        dyf = dy.to(cd)
+        xhat = h.to(cd) * rstd
+        g = dyf * weight.to(cd) if weight is not None else dyf
+        dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dweight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dyf * xhat).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
+        return dh.to(h.dtype), dweight, None

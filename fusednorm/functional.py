@@ -91,6 +91,9 @@ def _eager_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dr
 
 def _direct(plan: _plan.Plan, x, residual, weight, bias, residual_scale):
     """The CPU path's result (``fusednorm.cpu_path``; autograd records ATen's own ops)."""
+    if plan.weight_offset != 0.0:  # the affine weight is (weight + weight_offset): cpu_path sums it in float32
+        return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
+                             plan.dropout_p, weight_offset=plan.weight_offset)
     return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
                          plan.dropout_p)
 
