@@ -29,7 +29,7 @@ from fusednorm import cpu_path
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
-@pytest.fixture(params=[t for t in TARGETS if t.id != "torch"])
+@pytest.fixture(params=[t for t in TARGETS if t.id not in ("torch", "cpu-path")])
 def target(request, monkeypatch) -> tuple[str, str]:
     return target_fixture(request, monkeypatch)
 
