@@ -7,12 +7,19 @@ that ATen's composed ops compute with the same roundings, the eager layer (``fus
 
 - h = residual * s + dropout(x): ``x + residual`` (ATen rounds the float32 sum once to h's dtype, as the
   backend does) when there is no scale, no dropout and no dtype change; otherwise ``_PreNormSum``, a small
-  autograd Function that computes h in float32 exactly as the backend does (the same products and sums,
-  rounded once to h's dtype) and saves only the residual (for a learned scale) and the dropout seed: its
-  backward regenerates the mask (``fusednorm.dropout``, compiled code on the CPU) and never stores one.
-- the norm: ``F.layer_norm`` / ``F.rms_norm`` with their ATen backward, on h as stored (DESIGN section 2: the
-  backward rebuilds xhat from the very h the statistics were taken of); the affine parameters in h's dtype,
-  or upcast to float32 (exact) where their dtype differs, ``weight + weight_offset`` summed in float32.
+  autograd Function that computes h in float32 exactly as the backend does (the same products and sums, in
+  compiled code: ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual
+  (for a learned scale) and the dropout seed: its backward regenerates the mask and never stores one.
+- the norm: ``F.layer_norm`` (ATen's fused kernels, forward and backward) on h as stored, or ``_RMSNorm``
+  (ATen's fused forward, the backend's backward); the affine parameters in h's dtype, or upcast to float32
+  (exact) where their dtype differs, ``weight + weight_offset`` summed in float32.
+
+What differs from the Function path, within DESIGN section 6 (tests/test_correctness.py's "cpu-path" target):
+where the backend normalizes an h it does not store (a learned scale in the Post-LN layout, dropout without a
+residual), the direct path normalizes h rounded to x's dtype (16-bit x), as torch's composed ops do; the
+statistics are those of that h, and ATen's backward rebuilds xhat from it (DESIGN section 2). Autograd rounds
+16-bit gradients between ATen's ops (dh before dresidual = dh * s or the Pre-LN sum dh + dh_in), and ATen's
+LayerNorm backward forms xhat as h * rstd - mean * rstd. A returned h is the backend's bit for bit.
 
 ``usable`` decides, once per call signature (the plan cache of ``fusednorm.functional``), from facts that
 signature holds: dtypes, devices, shapes, the Variant, the backend. What it leaves to the Function path:
@@ -22,10 +29,6 @@ signature holds: dtypes, devices, shapes, the Variant, the backend. What it leav
   exact; the Function path (centered rows) is kept for every float64 call.
 - LayerNorm at N = 1: the same cancellation in ATen's dweight (2.6e-5 against a bound of 3.8e-6).
 - telemetry (the row statistics of ``store_stats``), non-CPU devices, backends other than "torch".
-
-Results differ from the Function path's only in the last bits of 16-bit gradients that autograd rounds
-between ops (dh in h's dtype before dresidual = dh * s or the Pre-LN sum dh + dh_in): within section 6,
-as torch's own composed ops are; h and y are the backend's (h bit for bit).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import dropout as dropout_module
 from .backends.contract import compute_dtype
 from .dropout import draw_seed, dropout_keep_mask
 from .variant import ScaleKind, Variant
@@ -98,12 +102,12 @@ def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | 
           and torch.promote_types(x.dtype, residual.dtype) == h_dtype):
         h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
     else:
-        # Stored h (Pre-LN, or Post-LN without a learned scale): in h's dtype. Not stored: in the compute
-        # dtype, as the backend normalizes it.
-        out_dtype = h_dtype if variant.store_h else compute_dtype(x.dtype)
+        # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout, dropout
+        # without a residual) and normalizes the float32 sum: the statistics are then those of the rounded h, from
+        # which ATen's backward rebuilds xhat (DESIGN section 2), as torch's composed ops compute it.
         scale = residual_scale if variant.learned_scale else None
         seed = draw_seed(x.device) if variant.has_dropout else None
-        h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, out_dtype)
+        h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
     y = _normalized(variant, h, weight, bias, eps, weight_offset)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
@@ -130,60 +134,83 @@ def _normalized(variant: Variant, h: Tensor, weight: Tensor | None, bias: Tensor
 
 
 class _PreNormSum(torch.autograd.Function):
-    """h = residual * s + dropout(x), computed in float32 (float64 for float64 x) as the torch backend does
-    and rounded once to ``out_dtype``. Saves the residual only for a learned scale (ds reads it), and the
-    dropout seed, never a mask."""
+    """h = residual * s + dropout(x), computed in float32 as the torch backend does and rounded once to
+    ``out_dtype``: in compiled code (``fusednorm._philox_cpu.pre_norm_sum``, one pass, no float32 temporaries)
+    for float32/bfloat16 tensors, else with torch ops. Saves the residual only for a learned scale (ds reads
+    it), and the dropout seed, never a mask."""
 
     @staticmethod
     def forward(ctx, x, residual, scale, seed, p, scale_value, out_dtype):
-        cd = compute_dtype(x.dtype)
-        branch = x.to(cd)
-        if seed is not None:
-            keep = dropout_keep_mask(seed, branch.numel() // branch.shape[-1], branch.shape[-1], p)
-            # (x * c) * keep == x * (keep * c): one rounding of the product, as the backend computes it.
-            branch = branch * (1.0 / (1.0 - p))
-            branch.mul_(keep.view(branch.shape))
-        if residual is None:
-            h = branch if branch is not x else branch.clone()
-        else:
-            stream = residual.to(cd)
-            if scale is not None:
-                stream = stream * scale.to(cd)
-            elif scale_value != 1.0:
-                stream = stream * scale_value
-            elif stream is residual:
-                stream = stream.clone()
-            h = stream.add_(branch)
+        h = _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype)
+        if h is None:
+            h = _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype)
         ctx.save_for_backward(residual if scale is not None else None, scale, seed)
         ctx.facts = (p, scale_value, x.dtype, residual.dtype if residual is not None else None)
-        return h.to(out_dtype)
+        return h
 
     @staticmethod
     def backward(ctx, dh):
         residual, scale, seed = ctx.saved_tensors
         p, scale_value, x_dtype, residual_dtype = ctx.facts
-        cd = compute_dtype(x_dtype)
-        dhf = dh.to(cd)
-        dx = dhf
+        # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
+        dx = dh
         if seed is not None:
-            keep = dropout_keep_mask(seed, dhf.numel() // dhf.shape[-1], dhf.shape[-1], p).view(dhf.shape)
-            dx = (dhf * (1.0 / (1.0 - p))).mul_(keep)
+            keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
+            dx = (dh * (1.0 / (1.0 - p))).mul_(keep)
         dx = dx.to(x_dtype)
         dresidual = dscale = None
         if residual_dtype is not None and ctx.needs_input_grad[1]:
             if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
                 dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
             elif scale is not None:
-                dresidual = dhf * scale.to(cd)
-            elif scale_value != 1.0:
-                dresidual = dhf * scale_value
+                dresidual = (dh * scale.to(compute_dtype(dh.dtype))).to(residual_dtype)
             else:
-                dresidual = dhf
-            dresidual = dresidual.to(residual_dtype) if dresidual is not dx else dx
+                dresidual = (dh * scale_value if scale_value != 1.0 else dh).to(residual_dtype)
         if scale is not None and ctx.needs_input_grad[2]:
-            per_column = (dhf * residual.to(cd)).reshape(-1, dhf.shape[-1]).sum(0)
+            cd = compute_dtype(x_dtype)
+            per_column = (dh.to(cd) * residual.to(cd)).reshape(-1, dh.shape[-1]).sum(0)
             dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
         return dx, dresidual, dscale, None, None, None, None
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/cpu/philox.c's codes
+
+
+def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor | None:
+    """h with ``_philox_cpu.pre_norm_sum``, or None where it does not apply (not built, float16/float64)."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(t.dtype) for t in (x, residual) if t is not None] + [_DTYPE_CODES.get(out_dtype)]
+    if module is None or None in codes:
+        return None
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    scale_f32 = scale.to(torch.float32).contiguous() if scale is not None else None
+    h = torch.empty(x.shape, dtype=out_dtype)
+    cols = x.shape[-1]
+    module.pre_norm_sum(
+        x.data_ptr(), codes[0], residual.data_ptr() if residual is not None else 0,
+        codes[1] if residual is not None else 0, scale_f32.data_ptr() if scale_f32 is not None else 0,
+        scale_f32.numel() if scale_f32 is not None else 0, float(scale_value),
+        int(seed.reshape(())) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
+        1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
+    return h
+
+
+def _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor:
+    """h with torch ops, the backend's arithmetic (float32 temporaries)."""
+    cd = compute_dtype(x.dtype)
+    h = x.to(cd)
+    if seed is not None:
+        keep = dropout_keep_mask(seed, h.numel() // h.shape[-1], h.shape[-1], p).view(h.shape)
+        h = h * (keep.to(cd) * (1.0 / (1.0 - p)))
+    if residual is not None:
+        stream = residual.to(cd)
+        if scale is not None:
+            stream = stream * scale.to(cd)
+        elif scale_value != 1.0:
+            stream = stream * scale_value
+        h = stream + h
+    return h.to(out_dtype, copy=h is x)
 
 
 class _RMSNorm(torch.autograd.Function):

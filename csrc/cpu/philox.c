@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PHILOX_ROUND_A 0xD2511F53u
 #define PHILOX_ROUND_B 0xCD9E8D57u
@@ -71,6 +72,92 @@ static void fill_r0(uint64_t seed, uint64_t start, uint64_t count, uint32_t *out
         })
 }
 
+/* ---- the CPU path's h = residual * s + dropout(x), in float32 as the torch backend computes it ---------- */
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
+
+static void load_row(int code, const void *src, uint64_t n, float *dst) {
+    if (code == DTYPE_FLOAT32) {
+        const float *s = (const float *)src;
+        for (uint64_t j = 0; j < n; ++j) dst[j] = s[j];
+    } else {
+        const uint16_t *s = (const uint16_t *)src;
+        for (uint64_t j = 0; j < n; ++j) {
+            union { uint32_t u; float f; } v = {(uint32_t)s[j] << 16};
+            dst[j] = v.f;
+        }
+    }
+}
+
+/* float32 -> bfloat16 rounds to nearest even, NaN -> 0x7FC0: as torch (c10::BFloat16) rounds. */
+static void store_row(int code, const float *src, uint64_t n, void *dst) {
+    if (code == DTYPE_FLOAT32) {
+        float *d = (float *)dst;
+        for (uint64_t j = 0; j < n; ++j) d[j] = src[j];
+    } else {
+        uint16_t *d = (uint16_t *)dst;
+        for (uint64_t j = 0; j < n; ++j) {
+            union { float f; uint32_t u; } v = {src[j]};
+            const uint32_t rounded = (v.u + (((v.u >> 16) & 1u) + 0x7FFFu)) >> 16;
+            d[j] = src[j] != src[j] ? (uint16_t)0x7FC0u : (uint16_t)rounded;
+        }
+    }
+}
+
+/* Every product and sum rounded to float32 in the torch backend's order (x * (keep ? c : 0), r * s, their sum);
+   -ffp-contract=off (setup.py) keeps gcc from fusing them into an fma. */
+__attribute__((target_clones("avx2", "default")))
+static void dropout_row(float *xf, uint64_t n, uint32_t k0, uint32_t k1, uint64_t first, uint32_t threshold,
+                        float keep_scale) {
+    const uint32_t lo = (uint32_t)first, hi = (uint32_t)(first >> 32);
+    for (uint64_t j = 0; j < n; ++j) {
+        /* a row never crosses 2^32 twice: the high word steps by at most one within it */
+        const uint32_t low = lo + (uint32_t)j;
+        const uint32_t high = hi + (low < lo);
+        const int keep = (philox_r0(k0, k1, low, high) >> KEEP_SHIFT) >= threshold;
+        xf[j] = xf[j] * (keep ? keep_scale : 0.0f);
+    }
+}
+
+typedef struct {
+    const void *x, *residual;
+    const float *scale; /* NULL: a constant scale_value; else one float32 per column (or one, scale_len 1) */
+    int x_code, residual_code, out_code, has_residual, has_dropout;
+    uint64_t scale_len;
+    float scale_value, keep_scale;
+    uint64_t seed;
+    uint32_t threshold;
+    uint64_t rows, cols;
+    void *out;
+} PreNormSum;
+
+static int pre_norm_sum_rows(const PreNormSum *a) {
+    float *xf = (float *)malloc(sizeof(float) * (a->cols ? a->cols : 1) * 2);
+    if (xf == NULL) return -1;
+    float *rf = xf + a->cols;
+    const uint32_t k0 = (uint32_t)a->seed, k1 = (uint32_t)(a->seed >> 32);
+    const size_t x_size = a->x_code == DTYPE_FLOAT32 ? 4 : 2, r_size = a->residual_code == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t out_size = a->out_code == DTYPE_FLOAT32 ? 4 : 2;
+    for (uint64_t i = 0; i < a->rows; ++i) {
+        const uint64_t n = a->cols;
+        load_row(a->x_code, (const char *)a->x + i * n * x_size, n, xf);
+        if (a->has_dropout) dropout_row(xf, n, k0, k1, i * n, a->threshold, a->keep_scale);
+        if (a->has_residual) {
+            load_row(a->residual_code, (const char *)a->residual + i * n * r_size, n, rf);
+            if (a->scale != NULL && a->scale_len > 1) {
+                for (uint64_t j = 0; j < n; ++j) rf[j] = rf[j] * a->scale[j];
+            } else if (a->scale != NULL || a->scale_value != 1.0f) {
+                const float s = a->scale != NULL ? a->scale[0] : a->scale_value;
+                for (uint64_t j = 0; j < n; ++j) rf[j] = rf[j] * s;
+            }
+            for (uint64_t j = 0; j < n; ++j) xf[j] = rf[j] + xf[j];
+        }
+        store_row(a->out_code, xf, n, (char *)a->out + i * n * out_size);
+    }
+    free(xf);
+    return 0;
+}
+
 /* Parses (seed, start_index, count, [threshold,] out_address). seed is taken modulo 2^64 (its two's
    complement bits, as the torch definition's int64 masks take them); start_index, count >= 0. */
 static int parse_common(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *name,
@@ -122,12 +209,68 @@ static PyObject *philox_words(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static int as_code(PyObject *obj, const char *what, int *code) {
+    const long value = PyLong_AsLong(obj);
+    if (PyErr_Occurred()) return -1;
+    if (value != DTYPE_FLOAT32 && value != DTYPE_BFLOAT16) {
+        PyErr_Format(PyExc_ValueError, "pre_norm_sum: %s dtype code must be 0 (float32) or 1 (bfloat16), got %ld",
+                     what, value);
+        return -1;
+    }
+    *code = (int)value;
+    return 0;
+}
+
+/* pre_norm_sum(x_address, x_code, residual_address (0: none), residual_code, scale_address (0: none),
+   scale_len, scale_value, seed, threshold, keep_scale (0.0: no dropout), rows, cols, out_address, out_code):
+   out = residual * s + dropout(x) over contiguous (rows, cols) buffers, computed in float32. */
+static PyObject *pre_norm_sum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    PreNormSum a;
+    (void)self;
+    if (nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "pre_norm_sum takes 14 arguments, got %zd", nargs);
+        return NULL;
+    }
+    a.x = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred() || as_code(args[1], "x", &a.x_code) < 0) return NULL;
+    a.residual = PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred() || as_code(args[3], "residual", &a.residual_code) < 0) return NULL;
+    a.scale = (const float *)PyLong_AsVoidPtr(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    a.scale_len = (uint64_t)PyLong_AsUnsignedLongLong(args[5]);
+    a.scale_value = (float)PyFloat_AsDouble(args[6]);
+    a.seed = (uint64_t)PyLong_AsUnsignedLongLongMask(args[7]);
+    a.threshold = (uint32_t)PyLong_AsUnsignedLong(args[8]);
+    const double keep_scale = PyFloat_AsDouble(args[9]);
+    a.rows = (uint64_t)PyLong_AsUnsignedLongLong(args[10]);
+    a.cols = (uint64_t)PyLong_AsUnsignedLongLong(args[11]);
+    a.out = PyLong_AsVoidPtr(args[12]);
+    if (PyErr_Occurred() || as_code(args[13], "out", &a.out_code) < 0) return NULL;
+    if (a.x == NULL || a.out == NULL) {
+        PyErr_SetString(PyExc_ValueError, "pre_norm_sum: x_address and out_address must not be 0");
+        return NULL;
+    }
+    a.has_residual = a.residual != NULL;
+    a.has_dropout = keep_scale != 0.0;
+    a.keep_scale = (float)keep_scale;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = pre_norm_sum_rows(&a);
+    Py_END_ALLOW_THREADS
+    if (status < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"keep_mask", (PyCFunction)(void (*)(void))keep_mask, METH_FASTCALL,
      "keep_mask(seed, start_index, count, threshold, out_address): write count bytes (1 keep, 0 drop) of the "
      "mask of indices start_index .. start_index + count - 1 to the buffer at out_address."},
     {"philox_words", (PyCFunction)(void (*)(void))philox_words, METH_FASTCALL,
      "philox_words(seed, start_index, count, out_address): write count uint32 first words of Philox4x32-10."},
+    {"pre_norm_sum", (PyCFunction)(void (*)(void))pre_norm_sum, METH_FASTCALL,
+     "pre_norm_sum(x_address, x_code, residual_address, residual_code, scale_address, scale_len, scale_value, seed, "
+     "threshold, keep_scale, rows, cols, out_address, out_code): h = residual * s + dropout(x) in float32, "
+     "stored as float32 (code 0) or bfloat16 (code 1)."},
     {NULL, NULL, 0, NULL},
 };
 
