@@ -159,6 +159,10 @@ class _PreNormSum(torch.autograd.Function):
             dx = (dh * (1.0 / (1.0 - p))).mul_(keep)
         dx = dx.to(x_dtype)
         dresidual = dscale = None
+        if scale is not None and ctx.needs_input_grad[2]:
+            compiled = _scale_backward_compiled(dh, residual, scale, ctx.needs_input_grad[1])
+            if compiled is not None:
+                return dx, compiled[0], compiled[1], None, None, None, None
         if residual_dtype is not None and ctx.needs_input_grad[1]:
             if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
                 dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
@@ -194,6 +198,24 @@ def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) 
         int(seed.reshape(())) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
         1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
     return h
+
+
+def _scale_backward_compiled(dh, residual, scale, wants_dresidual: bool) -> tuple | None:
+    """(dresidual or None, dscale) of a learned scale with ``_philox_cpu.scale_backward`` (one pass, no float32
+    temporaries), or None where it does not apply."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(dh.dtype), _DTYPE_CODES.get(residual.dtype)]
+    if module is None or None in codes:
+        return None
+    dh, residual = dh.contiguous(), residual.contiguous()
+    scale_f32 = scale.to(torch.float32).contiguous()
+    cols = dh.shape[-1]
+    dresidual = torch.empty(residual.shape, dtype=residual.dtype) if wants_dresidual else None
+    per_column = torch.zeros(cols, dtype=torch.float32)
+    module.scale_backward(dh.data_ptr(), codes[0], residual.data_ptr(), codes[1], scale_f32.data_ptr(),
+                          scale_f32.numel(), dh.numel() // cols, cols,
+                          dresidual.data_ptr() if dresidual is not None else 0, codes[1], per_column.data_ptr())
+    return dresidual, (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
 
 
 def _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor:

@@ -190,3 +190,20 @@ def test_a_learned_scale_gets_its_gradient_in_its_dtype():
     s = torch.rand(12, dtype=F32, requires_grad=True)
     fusednorm.add_rms_norm(x, r, None, residual_scale=s).float().square().sum().backward()
     assert s.grad.dtype == F32 and s.grad.abs().sum() > 0 and x.grad.dtype == r.grad.dtype == BF16
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(("function", "keywords"), CALLS[:6], ids=[f"{f}-{k}" for f, k in CALLS[:6]])
+def test_compiled_sums_are_the_torch_ops_ones(function, keywords, dtype, monkeypatch):
+    """_philox_cpu.pre_norm_sum / scale_backward against the torch ops they replace: the same h and y bit for
+    bit (the same float32 products and sums, rounded once), the same gradients (dscale: the float32 column sums
+    in another order)."""
+    y, h, grads, _ = _run(function, dtype, keywords)
+    monkeypatch.setattr(dropout, "_philox_cpu", None)
+    y_ref, h_ref, grads_ref, _ = _run(function, dtype, keywords)
+    assert torch.equal(y, y_ref) and (h is None or torch.equal(h, h_ref))
+    for g, g_ref in zip(grads[:2], grads_ref[:2], strict=True):
+        assert torch.equal(g, g_ref)
+    for g, g_ref in zip(grads[2:], grads_ref[2:], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))

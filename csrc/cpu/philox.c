@@ -158,6 +158,33 @@ static int pre_norm_sum_rows(const PreNormSum *a) {
     return 0;
 }
 
+/* The learned scale's backward, one pass: dresidual = dh * s (rounded once to its dtype; skipped when out is
+   NULL) and ds[j] += dh * residual summed over the rows in float32 (ds: cols float32, zeroed by the caller). */
+static int scale_backward_rows(const void *dh, int dh_code, const void *residual, int residual_code,
+                               const float *scale, uint64_t scale_len, uint64_t rows, uint64_t cols,
+                               void *dresidual, int dresidual_code, float *ds) {
+    float *dhf = (float *)malloc(sizeof(float) * (cols ? cols : 1) * 2);
+    if (dhf == NULL) return -1;
+    float *rf = dhf + cols;
+    const size_t dh_size = dh_code == DTYPE_FLOAT32 ? 4 : 2, r_size = residual_code == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t out_size = dresidual_code == DTYPE_FLOAT32 ? 4 : 2;
+    for (uint64_t i = 0; i < rows; ++i) {
+        load_row(dh_code, (const char *)dh + i * cols * dh_size, cols, dhf);
+        load_row(residual_code, (const char *)residual + i * cols * r_size, cols, rf);
+        for (uint64_t j = 0; j < cols; ++j) ds[j] += dhf[j] * rf[j];
+        if (dresidual != NULL) {
+            if (scale_len > 1) {
+                for (uint64_t j = 0; j < cols; ++j) rf[j] = dhf[j] * scale[j];
+            } else {
+                for (uint64_t j = 0; j < cols; ++j) rf[j] = dhf[j] * scale[0];
+            }
+            store_row(dresidual_code, rf, cols, (char *)dresidual + i * cols * out_size);
+        }
+    }
+    free(dhf);
+    return 0;
+}
+
 /* Parses (seed, start_index, count, [threshold,] out_address). seed is taken modulo 2^64 (its two's
    complement bits, as the torch definition's int64 masks take them); start_index, count >= 0. */
 static int parse_common(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, const char *name,
@@ -261,6 +288,40 @@ static PyObject *pre_norm_sum(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+/* scale_backward(dh_address, dh_code, residual_address, residual_code, scale_address, scale_len, rows, cols,
+   dresidual_address (0: none), dresidual_code, ds_address): see scale_backward_rows. */
+static PyObject *scale_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int dh_code, residual_code, dresidual_code;
+    (void)self;
+    if (nargs != 11) {
+        PyErr_Format(PyExc_TypeError, "scale_backward takes 11 arguments, got %zd", nargs);
+        return NULL;
+    }
+    const void *dh = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred() || as_code(args[1], "dh", &dh_code) < 0) return NULL;
+    const void *residual = PyLong_AsVoidPtr(args[2]);
+    if (PyErr_Occurred() || as_code(args[3], "residual", &residual_code) < 0) return NULL;
+    const float *scale = (const float *)PyLong_AsVoidPtr(args[4]);
+    const uint64_t scale_len = (uint64_t)PyLong_AsUnsignedLongLong(args[5]);
+    const uint64_t rows = (uint64_t)PyLong_AsUnsignedLongLong(args[6]);
+    const uint64_t cols = (uint64_t)PyLong_AsUnsignedLongLong(args[7]);
+    void *dresidual = PyLong_AsVoidPtr(args[8]);
+    if (PyErr_Occurred() || as_code(args[9], "dresidual", &dresidual_code) < 0) return NULL;
+    float *ds = (float *)PyLong_AsVoidPtr(args[10]);
+    if (PyErr_Occurred()) return NULL;
+    if (dh == NULL || residual == NULL || scale == NULL || ds == NULL || scale_len == 0) {
+        PyErr_SetString(PyExc_ValueError, "scale_backward: dh, residual, scale and ds addresses must not be 0");
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = scale_backward_rows(dh, dh_code, residual, residual_code, scale, scale_len, rows, cols, dresidual,
+                                 dresidual_code, ds);
+    Py_END_ALLOW_THREADS
+    if (status < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"keep_mask", (PyCFunction)(void (*)(void))keep_mask, METH_FASTCALL,
      "keep_mask(seed, start_index, count, threshold, out_address): write count bytes (1 keep, 0 drop) of the "
@@ -271,6 +332,9 @@ static PyMethodDef methods[] = {
      "pre_norm_sum(x_address, x_code, residual_address, residual_code, scale_address, scale_len, scale_value, seed, "
      "threshold, keep_scale, rows, cols, out_address, out_code): h = residual * s + dropout(x) in float32, "
      "stored as float32 (code 0) or bfloat16 (code 1)."},
+    {"scale_backward", (PyCFunction)(void (*)(void))scale_backward, METH_FASTCALL,
+     "scale_backward(dh_address, dh_code, residual_address, residual_code, scale_address, scale_len, rows, cols, "
+     "dresidual_address, dresidual_code, ds_address): dresidual = dh * s, ds += column sums of dh * residual."},
     {NULL, NULL, 0, NULL},
 };
 
