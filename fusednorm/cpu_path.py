@@ -38,7 +38,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import dropout as dropout_module
 from .backends.contract import compute_dtype
@@ -172,6 +171,12 @@ class _PreNormSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
+        with torch.no_grad():
+            grads = _PreNormSum._gradients(ctx, dh)
+        return _not_differentiable_again(grads)
+
+    @staticmethod
+    def _gradients(ctx, dh):
         residual, scale, seed = ctx.saved_tensors
         p, scale_value, x_dtype, residual_dtype = ctx.facts
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
@@ -267,7 +272,7 @@ class _RMSNorm(torch.autograd.Function):
     compute dtype, and the backend's backward (ATen has no fused RMSNorm backward on the CPU; its composite
     one, through rsqrt's derivative rstd^3, overflows float32 for eps below ~1e-26 and gives NaN for a row of
     zeros: tests/test_host_scalars.py). Saves h as given (the stored h, or the float32 h), the weight and
-    the (M, 1) rstd. Not twice differentiable (like the autograd Functions of fusednorm.functional)."""
+    the (M, 1) rstd. Not twice differentiable: double backward raises fusednorm's error, as the Function path."""
 
     @staticmethod
     def forward(ctx, h, weight, eps):
@@ -276,8 +281,13 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        with torch.no_grad():
+            grads = _RMSNorm._gradients(ctx, dy)
+        return _not_differentiable_again(grads)
+
+    @staticmethod
+    def _gradients(ctx, dy):
         h, weight, rstd = ctx.saved_tensors
         cd = compute_dtype(h.dtype)
         dyf = dy.to(cd)
@@ -300,3 +310,11 @@ def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, with_rstd: bool =
 
 # The Python binding is ~2x cheaper per call than the torch.ops route (15 against 30 us at 4x64).
 _FUSED_RMS_NORM = getattr(torch, "_fused_rms_norm", torch.ops.aten._fused_rms_norm)
+
+
+def _not_differentiable_again(grads: tuple) -> tuple:
+    """With create_graph=True, gradients whose own backward raises fusednorm's clear error (the compiled sums
+    and the regenerated mask have no derivative that autograd could record)."""
+    from .functional import _not_differentiable_again as mark
+
+    return mark(grads) if torch.is_grad_enabled() else grads

@@ -8,6 +8,8 @@ path, and the compiled Philox mask bit for bit against the torch definition (fus
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -169,6 +171,8 @@ def test_no_dropout_mask_is_saved():
 
 
 def test_double_backward_works_through_atens_ops_and_the_function_path_says_it_does_not():
+    """Direct path, LayerNorm with a plain residual: ATen's ops are twice differentiable. Its own Functions
+    (RMSNorm, the scaled / dropped sum) and the Function path raise fusednorm's error."""
     x = torch.randn(5, 16, requires_grad=True)
     w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
     (dx,) = torch.autograd.grad(fusednorm.layer_norm(x, w, b).square().sum(), x, create_graph=True)
@@ -177,10 +181,16 @@ def test_double_backward_works_through_atens_ops_and_the_function_path_says_it_d
     (dx_ref,) = torch.autograd.grad(torch.nn.functional.layer_norm(x_ref, (16,), w, b).square().sum(), x_ref,
                                     create_graph=True)
     torch.testing.assert_close(ddx, torch.autograd.grad(dx_ref.square().sum(), x_ref)[0])
-    with cpu_path.disabled():
-        (dx,) = torch.autograd.grad(fusednorm.layer_norm(x, w, b).square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match=ops.DOUBLE_BACKWARD_MESSAGE[:40]):
-            dx.square().sum().backward()
+    r = torch.randn(5, 16, requires_grad=True)
+    calls = [(True, lambda: fusednorm.rms_norm(x, w)),
+             (True, lambda: fusednorm.add_layer_norm(x, r, w, residual_scale=0.5)),
+             (True, lambda: fusednorm.add_rms_norm(x, r, w, dropout_p=0.2)),
+             (False, lambda: fusednorm.layer_norm(x, w, b))]
+    for direct, make in calls:
+        with contextlib.nullcontext() if direct else cpu_path.disabled():
+            (dx,) = torch.autograd.grad(make().square().sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match=ops.DOUBLE_BACKWARD_MESSAGE[:40]):
+                dx.square().sum().backward()
 
 
 def test_a_learned_scale_gets_its_gradient_in_its_dtype():
