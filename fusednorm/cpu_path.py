@@ -180,12 +180,20 @@ class _PreNormSum(torch.autograd.Function):
         residual, scale, seed = ctx.saved_tensors
         p, scale_value, x_dtype, residual_dtype = ctx.facts
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
-        dx = dh
+        wants_dresidual = residual_dtype is not None and ctx.needs_input_grad[1]
+        dx = dresidual = dscale = None
         if seed is not None:
-            keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
-            dx = (dh * (1.0 / (1.0 - p))).mul_(keep)
-        dx = dx.to(x_dtype)
-        dresidual = dscale = None
+            compiled = _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype if wants_dresidual and
+                                                  scale is None else None, scale_value)
+            if compiled is not None:
+                dx, dresidual = compiled
+            else:
+                keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
+                # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
+                dx = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=dh.dtype))
+        dx = (dh if dx is None else dx).to(x_dtype)
+        if dresidual is not None:
+            return dx, dresidual, None, None, None, None, None
         if scale is not None and ctx.needs_input_grad[2]:
             compiled = _scale_backward_compiled(dh, residual, scale, ctx.needs_input_grad[1])
             if compiled is not None:
@@ -230,6 +238,24 @@ def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) 
         int(seed.reshape(())) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
         1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
     return h
+
+
+def _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype, scale_value) -> tuple | None:
+    """(dx, dresidual = dh * scale_value or None when ``residual_dtype`` is None) of the dropped sum with
+    ``_philox_cpu.dropout_backward`` (one pass, the mask regenerated on the fly), or None where it does not
+    apply."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(dt) for dt in (dh.dtype, x_dtype, residual_dtype or dh.dtype)]
+    if module is None or None in codes:
+        return None
+    dh = dh.contiguous()
+    cols = dh.shape[-1]
+    dx = torch.empty(dh.shape, dtype=x_dtype)
+    dresidual = torch.empty(dh.shape, dtype=residual_dtype) if residual_dtype is not None else None
+    module.dropout_backward(dh.data_ptr(), codes[0], int(seed.reshape(())), dropout_module.keep_threshold(p),
+                            1.0 / (1.0 - p), dh.numel() // cols, cols, dx.data_ptr(), codes[1],
+                            dresidual.data_ptr() if dresidual is not None else 0, codes[2], float(scale_value))
+    return dx, dresidual
 
 
 def _scale_backward_compiled(dh, residual, scale, wants_dresidual: bool) -> tuple | None:

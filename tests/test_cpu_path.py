@@ -217,3 +217,22 @@ def test_compiled_sums_are_the_torch_ops_ones(function, keywords, dtype, monkeyp
         assert torch.equal(g, g_ref)
     for g, g_ref in zip(grads[2:], grads_ref[2:], strict=True):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
+def test_dx_is_zero_at_dropped_positions_of_a_nan_row(compiled, monkeypatch):
+    """README: dx is 0 at dropped positions even in a NaN row (a select, not a product with the mask)."""
+    if not compiled:
+        monkeypatch.setattr(dropout, "_philox_cpu", None)
+    elif dropout._philox_cpu is None:
+        pytest.skip("fusednorm._philox_cpu is not built")
+    x, r = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32).bfloat16().float().requires_grad_()
+    w = torch.randn(32)
+    with torch.no_grad():
+        x[1, 3] = float("nan")
+    torch.manual_seed(7)
+    fusednorm.add_layer_norm(x, r, w, dropout_p=0.5, residual_scale=0.5).sum().backward()
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(dropout.draw_seed("cpu"), 4, 32, 0.5)
+    assert x.grad[1].isnan().any() and torch.equal(x.grad[~keep], torch.zeros(int((~keep).sum())))
+    assert r.grad[1].isnan().all() and not r.grad[0].isnan().any()

@@ -158,6 +158,42 @@ static int pre_norm_sum_rows(const PreNormSum *a) {
     return 0;
 }
 
+/* The dropped sum's backward, one pass: dx = keep ? dh * c : 0 (0 at a dropped position even where dh is NaN, as
+   the torch backend's where() gives) and, when dresidual is not NULL, dresidual = dh * scale_value. */
+__attribute__((target_clones("avx2", "default")))
+static void dropout_grad_row(const float *dhf, float *dxf, uint64_t n, uint32_t k0, uint32_t k1, uint64_t first,
+                             uint32_t threshold, float keep_scale) {
+    const uint32_t lo = (uint32_t)first, hi = (uint32_t)(first >> 32);
+    for (uint64_t j = 0; j < n; ++j) {
+        const uint32_t low = lo + (uint32_t)j;
+        const uint32_t high = hi + (low < lo);
+        const int keep = (philox_r0(k0, k1, low, high) >> KEEP_SHIFT) >= threshold;
+        dxf[j] = keep ? dhf[j] * keep_scale : 0.0f;
+    }
+}
+
+static int dropout_backward_rows(const void *dh, int dh_code, uint64_t seed, uint32_t threshold, float keep_scale,
+                                 uint64_t rows, uint64_t cols, void *dx, int dx_code, void *dresidual,
+                                 int dresidual_code, float scale_value) {
+    float *dhf = (float *)malloc(sizeof(float) * (cols ? cols : 1) * 2);
+    if (dhf == NULL) return -1;
+    float *outf = dhf + cols;
+    const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+    const size_t dh_size = dh_code == DTYPE_FLOAT32 ? 4 : 2, dx_size = dx_code == DTYPE_FLOAT32 ? 4 : 2;
+    const size_t dr_size = dresidual_code == DTYPE_FLOAT32 ? 4 : 2;
+    for (uint64_t i = 0; i < rows; ++i) {
+        load_row(dh_code, (const char *)dh + i * cols * dh_size, cols, dhf);
+        dropout_grad_row(dhf, outf, cols, k0, k1, i * cols, threshold, keep_scale);
+        store_row(dx_code, outf, cols, (char *)dx + i * cols * dx_size);
+        if (dresidual != NULL) {
+            for (uint64_t j = 0; j < cols; ++j) outf[j] = dhf[j] * scale_value;
+            store_row(dresidual_code, outf, cols, (char *)dresidual + i * cols * dr_size);
+        }
+    }
+    free(dhf);
+    return 0;
+}
+
 /* The learned scale's backward, one pass: dresidual = dh * s (rounded once to its dtype; skipped when out is
    NULL) and ds[j] += dh * residual summed over the rows in float32 (ds: cols float32, zeroed by the caller). */
 static int scale_backward_rows(const void *dh, int dh_code, const void *residual, int residual_code,
@@ -322,6 +358,41 @@ static PyObject *scale_backward(PyObject *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* dropout_backward(dh_address, dh_code, seed, threshold, keep_scale, rows, cols, dx_address, dx_code,
+   dresidual_address (0: none), dresidual_code, scale_value): see dropout_backward_rows. */
+static PyObject *dropout_backward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int dh_code, dx_code, dresidual_code;
+    (void)self;
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "dropout_backward takes 12 arguments, got %zd", nargs);
+        return NULL;
+    }
+    const void *dh = PyLong_AsVoidPtr(args[0]);
+    if (PyErr_Occurred() || as_code(args[1], "dh", &dh_code) < 0) return NULL;
+    const uint64_t seed = (uint64_t)PyLong_AsUnsignedLongLongMask(args[2]);
+    const uint32_t threshold = (uint32_t)PyLong_AsUnsignedLong(args[3]);
+    const float keep_scale = (float)PyFloat_AsDouble(args[4]);
+    const uint64_t rows = (uint64_t)PyLong_AsUnsignedLongLong(args[5]);
+    const uint64_t cols = (uint64_t)PyLong_AsUnsignedLongLong(args[6]);
+    void *dx = PyLong_AsVoidPtr(args[7]);
+    if (PyErr_Occurred() || as_code(args[8], "dx", &dx_code) < 0) return NULL;
+    void *dresidual = PyLong_AsVoidPtr(args[9]);
+    if (PyErr_Occurred() || as_code(args[10], "dresidual", &dresidual_code) < 0) return NULL;
+    const float scale_value = (float)PyFloat_AsDouble(args[11]);
+    if (PyErr_Occurred()) return NULL;
+    if (dh == NULL || dx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "dropout_backward: dh and dx addresses must not be 0");
+        return NULL;
+    }
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = dropout_backward_rows(dh, dh_code, seed, threshold, keep_scale, rows, cols, dx, dx_code, dresidual,
+                                   dresidual_code, scale_value);
+    Py_END_ALLOW_THREADS
+    if (status < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"keep_mask", (PyCFunction)(void (*)(void))keep_mask, METH_FASTCALL,
      "keep_mask(seed, start_index, count, threshold, out_address): write count bytes (1 keep, 0 drop) of the "
@@ -335,6 +406,9 @@ static PyMethodDef methods[] = {
     {"scale_backward", (PyCFunction)(void (*)(void))scale_backward, METH_FASTCALL,
      "scale_backward(dh_address, dh_code, residual_address, residual_code, scale_address, scale_len, rows, cols, "
      "dresidual_address, dresidual_code, ds_address): dresidual = dh * s, ds += column sums of dh * residual."},
+    {"dropout_backward", (PyCFunction)(void (*)(void))dropout_backward, METH_FASTCALL,
+     "dropout_backward(dh_address, dh_code, seed, threshold, keep_scale, rows, cols, dx_address, dx_code, "
+     "dresidual_address, dresidual_code, scale_value): dx = keep ? dh * c : 0, dresidual = dh * scale_value."},
     {NULL, NULL, 0, NULL},
 };
 
