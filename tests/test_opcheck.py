@@ -27,6 +27,10 @@ from fusednorm import case_matrix, ops
 from fusednorm.testing import Case, case_variants, make_inputs, run_fused
 from fusednorm.variant import ScaleKind
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 CPU_BACKENDS = fusednorm.available_backends("cpu")
 FWD = torch.ops.fusednorm.fwd.default
 BWD = torch.ops.fusednorm.bwd.default
