@@ -28,6 +28,7 @@ signature holds: dtypes, devices, shapes, the Variant, the backend. What it leav
   bound for a constant float64 row with eps = 1e-60 (tests/test_host_scalars.py), and gradcheck must stay
   exact; the Function path (centered rows) is kept for every float64 call.
 - LayerNorm at N = 1: the same cancellation in ATen's dweight (2.6e-5 against a bound of 3.8e-6).
+- LayerNorm over a 16-bit h when ``LAYER_NORM_16BIT_ON_ATEN`` is False (see there: constant rows).
 - telemetry (the row statistics of ``store_stats``), non-CPU devices, backends other than "torch".
 """
 
@@ -46,6 +47,12 @@ from .variant import ScaleKind, Variant
 
 _FLOAT_16_32 = (torch.float16, torch.bfloat16, torch.float32)
 _enabled = True
+# LayerNorm over a 16-bit h on ATen's kernel: y = h * (rstd * w) + (b - mean * rstd * w) rounds where the torch
+# backend's (h - mean) * rstd * w + b does not, so a constant row at a large offset gives bias only to within
+# ~|mean| * rstd * 2^-24 * |w| (1e4 * 316 * 6e-8 ~ 0.2 at eps = 1e-5), where the backend gives it exactly (README:
+# "Constant rows"); elsewhere within DESIGN section 6. False: such calls take the autograd Function (exact,
+# 2-2.5x ATen's time at 512x1024 bf16 on this machine).
+LAYER_NORM_16BIT_ON_ATEN = True
 
 
 def enabled() -> bool:
@@ -83,7 +90,9 @@ def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, w
         return False
     if x.dim() == 0 or x.numel() == 0:
         return False
-    return variant.is_rms or x.shape[-1] > 1
+    if variant.is_rms:
+        return True
+    return x.shape[-1] > 1 and (LAYER_NORM_16BIT_ON_ATEN or variant.h_dtype(x.dtype) == torch.float32)
 
 
 def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -150,8 +159,13 @@ def _recipe(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype,
         sum_kind = _H_FROM_PRE_NORM_SUM
     # The affine parameters in h's dtype when they all have it, else in float32 (exact for 16-bit parameters:
     # the backend computes in float32); weight + weight_offset is summed in float32.
+    # LayerNorm over 16-bit h: float32 parameters take ATen's mixed-dtype kernel, which keeps float32 mean/rstd
+    # (its 16-bit kernel rounds them to 16 bits) at the same speed.
     params = [d for d in (weight_dtype, bias_dtype) if d is not None]
-    p_dtype = None if all(d == h_dtype for d in params) and not has_offset else torch.float32
+    same = all(d == h_dtype for d in params) and not has_offset
+    p_dtype = None if same and (variant.is_rms or h_dtype in (torch.float32, torch.float64)) else torch.float32
+    if not params:
+        p_dtype = None
     ones_weight = not variant.is_rms and weight_dtype is None and p_dtype is not None and h_dtype != p_dtype
     return sum_kind, h_dtype, p_dtype, ones_weight
 

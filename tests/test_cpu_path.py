@@ -236,3 +236,18 @@ def test_dx_is_zero_at_dropped_positions_of_a_nan_row(compiled, monkeypatch):
     keep = dropout_keep_mask(dropout.draw_seed("cpu"), 4, 32, 0.5)
     assert x.grad[1].isnan().any() and torch.equal(x.grad[~keep], torch.zeros(int((~keep).sum())))
     assert r.grad[1].isnan().all() and not r.grad[0].isnan().any()
+
+
+@pytest.mark.parametrize("on_aten", [True, False])
+def test_a_constant_16bit_row_at_a_large_offset(on_aten, monkeypatch):
+    """ATen's 16-bit LayerNorm forms y = h * (rstd * w) + (b - mean * rstd * w): a constant row at 1e4 gives
+    bias to ~0.2 (cpu_path.LAYER_NORM_16BIT_ON_ATEN); switched off, the call takes the Function: exactly bias."""
+    monkeypatch.setattr(cpu_path, "LAYER_NORM_16BIT_ON_ATEN", on_aten)
+    monkeypatch.setattr(fusednorm._plan, "_PLANS", {})
+    x = torch.randn(3, 24).bfloat16()
+    x[1] = 1e4
+    w, b = torch.rand(24).add(0.5).bfloat16(), torch.randn(24).bfloat16()
+    y = fusednorm.layer_norm(x.requires_grad_(), w, b)
+    assert ("LayerNormFunction" in type(y.grad_fn).__name__) != on_aten
+    error = (y[1].float() - b.float()).abs().max().item()
+    assert error <= 0.5 if on_aten else error == 0.0
