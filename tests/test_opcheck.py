@@ -74,10 +74,10 @@ def _arguments(case: Case, backend: str, monkeypatch) -> tuple[tuple, tuple]:
             return real(variant, args, backend)
         return record
 
-    monkeypatch.setattr(ops, "forward", recording("fwd", ops.forward))
-    monkeypatch.setattr(ops, "backward", recording("bwd", ops.backward))
-    run_fused(case, make_inputs(case, generator=torch.Generator().manual_seed(0)), backend)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # undoes these two only (not the torch_function_path fixture)
+        patch.setattr(ops, "forward", recording("fwd", ops.forward))
+        patch.setattr(ops, "backward", recording("bwd", ops.backward))
+        run_fused(case, make_inputs(case, generator=torch.Generator().manual_seed(0)), backend)
     return recorded["fwd"], recorded["bwd"]
 
 
