@@ -94,7 +94,8 @@ def cpu_extensions():
 
     # -ffp-contract=off: products and sums rounded one by one, as the torch backend computes h (no fma).
     flags = ["-O3", "-std=c11", "-ffp-contract=off"]
-    return [Extension("fusednorm._philox_cpu", sources=["csrc/cpu/philox.c"], extra_compile_args=flags,
+    sources = ["csrc/cpu/philox.c", "csrc/cpu/module.c"]
+    return [Extension("fusednorm._philox_cpu", sources=sources, extra_compile_args=flags,
                       define_macros=[("Py_LIMITED_API", "0x030A0000")], py_limited_api=True, optional=True)]
 
 
