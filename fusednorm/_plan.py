@@ -8,7 +8,9 @@ are checked on every call (no cache; tracing pays it once).
 
 from __future__ import annotations
 
+import operator
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -31,7 +33,18 @@ class Plan(NamedTuple):
     bias_dtype: torch.dtype | None
     x_dtype: torch.dtype
     direct: bool  # an eager call the CPU path computes (cpu_path.usable): no autograd Function, no backend
+    learned_scale: bool  # variant.learned_scale (a property: looked up once here)
+    dresidual_is_dx: bool  # variant.dresidual_is_dx
+    shape: torch.Size  # x's
+    is_rows: bool  # x is 2-d: the (M, N) rows the backends take and give are x's shape (no view to make)
+    # saved = pick_saved((x, residual, h, weight, residual_scale, mean, rstd, seed)) in the forward, and
+    # (x, residual, h, weight, residual_scale, mean, rstd, seed) = unpack_saved(saved + (None,)) in the backward
+    # (None for what is not saved): itemgetters, built once per plan.
+    pick_saved: Callable[[tuple], tuple]
+    unpack_saved: Callable[[tuple], tuple]
 
+
+SAVED_ORDER = ("x", "residual", "h", "weight", "residual_scale", "mean", "rstd", "seed")  # see Plan.pick_saved
 
 # Eager calls repeat the same signature: its checks and Variant are computed once.
 _PLANS: dict[tuple, Plan] = {}
@@ -41,25 +54,6 @@ _MAX_PLANS = 4096
 def clear() -> None:
     """Forget every cached plan (after a change that the signature does not hold, e.g. in tests)."""
     _PLANS.clear()
-
-
-def _tensor_signature(t) -> tuple | None:
-    return None if t is None else (type(t), t.layout, t.dtype, t.device, t.shape)
-
-
-def _signature(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-               weight_offset, backend, store_stats) -> tuple | None:
-    """Everything the checks and the plan depend on, as a hashable key; None when the call is not a plain
-    eager one (the full checks then run, and raise with their exact messages if something is off). Python
-    scalars go in with their types: True == 1.0 as keys, but the checks treat them differently."""
-    if type(x) is not Tensor:
-        return None
-    scale = _tensor_signature(residual_scale) if isinstance(residual_scale, Tensor) else (
-        type(residual_scale), residual_scale)
-    return (is_rms, x.layout, x.dtype, x.device, x.shape, _tensor_signature(residual), _tensor_signature(weight),
-            _tensor_signature(bias), scale, type(eps), eps, type(dropout_p), dropout_p, prenorm, type(prenorm),
-            residual_in_fp32, type(residual_in_fp32), type(weight_offset), weight_offset, backend,
-            backends.get_backend(), store_stats)
 
 
 def scale_kind(residual_scale) -> ScaleKind:
@@ -99,28 +93,50 @@ def checked(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropou
     scale_value = float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0
     direct = (not compiling and name == "torch" and type(x) is Tensor and x.device.type == "cpu" and not store_stats
               and cpu_path.usable(variant, name, x, residual, weight, bias, residual_scale, weight_offset))
-    return Plan(variant, name, eps, scale_value, dropout_p, weight_offset, variant.saved,
-                bias.dtype if bias is not None else None, x.dtype, bool(direct))
+    saved = variant.saved  # at least two names (h or x, and rstd): the itemgetters return tuples
+    pick_saved = operator.itemgetter(*(SAVED_ORDER.index(name) for name in saved))
+    unpack_saved = operator.itemgetter(*(saved.index(name) if name in saved else -1 for name in SAVED_ORDER))
+    return Plan(variant, name, eps, scale_value, dropout_p, weight_offset, saved,
+                bias.dtype if bias is not None else None, x.dtype, bool(direct),
+                variant.learned_scale, variant.dresidual_is_dx,
+                x.shape, x.dim() == 2, pick_saved,
+                unpack_saved)
 
 
 def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
            weight_offset, backend: str | None, store_stats: bool, compiling: bool) -> Plan:
-    """The plan of a call: cached per signature in eager mode, checked on every traced call."""
-    call = (is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-            weight_offset, backend, store_stats)
-    if compiling:
-        return checked(*call, True)
-    try:
-        key = _signature(*call)
-        plan = _PLANS.get(key) if key is not None else None
-    except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: the checks say so
-        key = plan = None
-    if plan is None:
-        plan = checked(*call, False)
-        if key is not None:
-            if len(_PLANS) >= _MAX_PLANS:
-                _PLANS.clear()
-            _PLANS[key] = plan
+    """The plan of a call: cached per signature in eager mode, checked on every traced call.
+
+    The signature holds everything the checks and the plan depend on; a call that is not a plain eager one
+    (x not a plain tensor, unhashable arguments) gets the full checks, which raise with their exact messages
+    if something is off. Each tensor goes in by its facts (type, dtype, device, shape; x's layout too), never
+    by identity: a module's parameter can change dtype or device in place (module.to()). Python scalars go
+    in with their types: True == 1 == 1.0 as keys, but the checks treat them differently. One flat tuple,
+    built inline: each fact costs a fraction of a microsecond, and this runs on every eager call."""
+    key = None
+    if not compiling and type(x) is Tensor:
+        try:
+            key = (is_rms, x.layout, x.dtype, x.device, x.shape, eps, type(eps), weight_offset, type(weight_offset),
+                   backend, backends._global_backend, store_stats,
+                   None if weight is None else (type(weight), weight.dtype, weight.device, weight.shape),
+                   None if bias is None else (type(bias), bias.dtype, bias.device, bias.shape))
+            if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
+                    or prenorm is not False or residual_in_fp32 is not False):  # add_*; others pass None, 0.0, False
+                key += (dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32),
+                        None if residual is None else (type(residual), residual.dtype, residual.device, residual.shape),
+                        (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
+                        if isinstance(residual_scale, Tensor) else ("scale", type(residual_scale), residual_scale))
+            plan = _PLANS.get(key)
+        except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: checks say
+            key = plan = None
+        if plan is not None:
+            return plan
+    plan = checked(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                   weight_offset, backend, store_stats, compiling)
+    if key is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
     return plan
 
 

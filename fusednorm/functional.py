@@ -1,7 +1,11 @@
 """Autograd Functions (Apex-style drop-ins) and the public functional API.
 
-Each Function validates its arguments, describes the call as a ``Variant``, flattens the leading
-dimensions to (M, N) rows and runs the custom ops of ``fusednorm.ops``. It saves exactly
+A call's arguments are checked and described once per call signature (its plan: ``fusednorm._plan``, with
+the ``Variant``); the public functions hand the plan to the internal Functions ``_Norm*`` (the Apex-style
+``*Function`` classes look it up themselves), which flatten the leading dimensions to (M, N) rows and run
+the op layer of ``fusednorm.ops``. Every eager call pays this on the host (benchmarks/overhead.py): the
+hot path avoids what costs there (keyword calls, frozen dataclasses, per-call dicts and generators). It
+saves exactly
 ``variant.saved`` (DESIGN section 5: h, or x and the residual to rebuild it; the residual beside h
 for a learned scale in the Pre-LN layout; the parameters the backward reads; per-row float32
 mean/rstd; the dropout seed), never a dropout mask.
@@ -31,18 +35,9 @@ stats_sink: ContextVar[Callable[[Tensor, int], None] | None] = ContextVar("fused
 
 def _rows(t: Tensor) -> Tensor:
     """(..., N) -> (M, N) with unit stride along N; at most one copy (none, and no view, for a 2-d input)."""
-    if t.stride(-1) != 1:
+    if not t.is_contiguous() and t.stride(-1) != 1:  # is_contiguous first: the common answer, and the cheaper
         t = t.contiguous()
     return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
-
-
-def _rows_or_none(t: Tensor | None) -> Tensor | None:
-    return _rows(t) if t is not None else None
-
-
-def _unit_stride(p: Tensor | None) -> Tensor | None:
-    """A (N,) or 0-d parameter with unit stride (a copy only when it is a strided view)."""
-    return p.contiguous() if p is not None else None
 
 
 def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
@@ -50,12 +45,13 @@ def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: 
     """The backend's arguments as (M, N) rows."""
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
-    variant = plan.variant
     return ForwardArgs(
-        x=_rows(x), residual=_rows(residual) if residual is not None else None, weight=_unit_stride(weight),
-        bias=_unit_stride(bias), residual_scale=_unit_stride(residual_scale) if variant.learned_scale else None,
-        seed=draw_seed(x.device) if variant.has_dropout else None, eps=plan.eps, scale_value=plan.scale_value,
-        dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
+        x if plan.is_rows and x.is_contiguous() else _rows(x),
+        None if residual is None else residual if plan.is_rows and residual.is_contiguous() else _rows(residual),
+        weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
+        residual_scale.contiguous() if plan.learned_scale else None,
+        draw_seed(x.device) if plan.variant.has_dropout else None, plan.eps, plan.scale_value, plan.dropout_p,
+        plan.weight_offset)
 
 
 def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
@@ -81,53 +77,57 @@ def _applied_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, 
                         weight_offset, backend, store_stats, compiling)
 
 
-def _eager_plan(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-                weight_offset, backend) -> _plan.Plan:
-    """The plan of an eager call of a public function (telemetry asked while a monitor is active)."""
-    _eager_checks()
-    return _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-                        weight_offset, backend, stats_sink.get() is not None, False)
-
-
-def _direct(plan: _plan.Plan, x, residual, weight, bias, residual_scale):
-    """The CPU path's result (``fusednorm.cpu_path``; autograd records ATen's own ops)."""
-    if plan.weight_offset != 0.0:  # the affine weight is (weight + weight_offset): cpu_path sums it in float32
+def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+          weight_offset, backend):
+    """A public function's call (the modules call it too): traced, or by the CPU path, or without autograd
+    (nothing saved), or through the autograd Function ``_Norm``."""
+    if is_rms and eps is None:
+        eps = _rms_eps(eps, x)
+    if torch.compiler.is_compiling():
+        return _traced_call(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                            residual_in_fp32, weight_offset, backend)
+    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline: every call runs it
+        raise RuntimeError(FUNCTORCH_MESSAGE)
+    plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                        weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
+    if plan.direct:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
+        if plan.weight_offset != 0.0:  # the affine weight is (weight + weight_offset), summed there in float32
+            return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
+                                 plan.dropout_p, weight_offset=plan.weight_offset)
         return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
-                             plan.dropout_p, weight_offset=plan.weight_offset)
-    return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
-                         plan.dropout_p)
+                             plan.dropout_p)
+    if torch.is_grad_enabled():
+        if residual is None:  # fewer arguments: each costs in apply
+            return _NormNoResidual.apply(plan, x, weight, bias)
+        if not plan.learned_scale:  # a constant scale is in the plan
+            return _NormConstantScale.apply(plan, x, residual, weight, bias)
+        return _Norm.apply(plan, x, residual, weight, bias, residual_scale)
+    return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
 
 
 def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, residual_scale: ResidualScale):
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
-    sink = stats_sink.get() if plan.variant.store_stats else None
+    variant = plan.variant
     args = _forward_args(plan, x, residual, weight, bias, residual_scale)
-    out = ops.forward(plan.variant, args, plan.backend)
-    if sink is not None:
-        sink(out.stats, args.x.shape[-1])
+    out = ops.forward(variant, args, plan.backend)
+    if variant.store_stats:
+        sink = stats_sink.get()
+        if sink is not None:
+            sink(out.stats, args.x.shape[-1])
     if ctx is not None:
-        ctx.save_for_backward(*(_saved_tensor(name, args, out, x, residual) for name in plan.saved))
-        ctx.set_materialize_grads(False)
-        ctx.fusednorm = (plan, x.shape)
+        # x and the residual are saved as the caller gave them, not as the (M, N) views made here under
+        # no_grad: changing them in place before the backward then fails with autograd's "modified by an
+        # inplace operation" (a view made in no_grad mode would fail with a message about views instead).
+        ctx.save_for_backward(*plan.pick_saved((x, residual, out.h, args.weight, args.residual_scale, out.mean,
+                                                out.rstd, args.seed)))
+        if variant.prenorm:  # a y without a gradient reaches the backward as None (not zeros)
+            ctx.set_materialize_grads(False)
+        ctx.fusednorm = plan
+    if plan.is_rows:
+        return (out.y, out.h) if variant.prenorm else out.y
     y = _as_output(out.y, x.shape)
-    if plan.variant.prenorm:
-        return y, _as_output(out.h, x.shape)
-    return y
-
-
-def _saved_tensor(name: str, args: ForwardArgs, out, x: Tensor, residual: Tensor | None) -> Tensor:
-    """One of ``Variant.saved``: an output of the forward kernel or one of its arguments. x and the residual
-    are saved as the caller gave them, not as the (M, N) views made here under no_grad: changing them in
-    place before the backward then fails with autograd's "modified by an inplace operation" (a view made
-    in no_grad mode would fail with a message about views instead); the backward takes the rows again."""
-    if name in ("h", "mean", "rstd"):
-        return getattr(out, name)
-    if name == "x":
-        return x
-    if name == "residual":
-        return residual
-    return getattr(args, name)
+    return (y, _as_output(out.h, x.shape)) if variant.prenorm else y
 
 
 def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
@@ -138,51 +138,53 @@ def _as_output(t: Tensor, shape: torch.Size) -> Tensor:
     return t if t.shape == shape else t.view(shape).detach()
 
 
-def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> dict[str, Tensor | None]:
-    """Gradients by argument name; the caller orders them for its own forward signature."""
-    plan, shape = ctx.fusednorm
+def _norm_backward(ctx, dy: Tensor | None, dh_in: Tensor | None = None) -> tuple:
+    """(dx, dresidual, dweight, dbias, dscale); None where the forward has no such input or it gets none."""
+    plan: _plan.Plan = ctx.fusednorm
     variant: Variant = plan.variant
-    saved = dict(zip(plan.saved, ctx.saved_tensors, strict=True))
+    x, residual, h, weight, residual_scale, mean, rstd, seed = plan.unpack_saved(ctx.saved_tensors + (None,))
     y_unused = dy is None
     if y_unused:  # only h got a gradient; zeros_like keeps dh_in's DTensor placement, if it has one
         dy = (torch.zeros_like(dh_in, dtype=plan.x_dtype) if dh_in is not None
-              else torch.zeros(shape, dtype=plan.x_dtype, device=saved["rstd"].device))
+              else torch.zeros(plan.shape, dtype=plan.x_dtype, device=rstd.device))
     args = BackwardArgs(
-        dy=_rows(dy), mean=saved.get("mean", saved["rstd"].new_empty((0,))), rstd=saved["rstd"],
-        dh_in=_rows(dh_in) if dh_in is not None else None, x=_rows_or_none(saved.get("x")),
-        residual=_rows_or_none(saved.get("residual")),
-        h=saved.get("h"), weight=saved.get("weight"), residual_scale=saved.get("residual_scale"),
-        seed=saved.get("seed"), bias_dtype=plan.bias_dtype, scale_value=plan.scale_value,
-        dropout_p=plan.dropout_p, weight_offset=plan.weight_offset)
-    with torch.no_grad():
+        _rows(dy), mean if mean is not None else rstd.new_empty((0,)), rstd,
+        _rows(dh_in) if dh_in is not None else None, _rows(x) if x is not None else None,
+        _rows(residual) if residual is not None else None, h, weight, residual_scale, seed, plan.bias_dtype,
+        plan.scale_value, plan.dropout_p, plan.weight_offset)
+    if torch.is_grad_enabled():  # create_graph=True: the backward kernels record nothing
+        with torch.no_grad():
+            grads = ops.backward(variant, args, plan.backend)
+    else:
         grads = ops.backward(variant, args, plan.backend)
-    dx = _as_output(grads.dx, shape)
+    dx = grads.dx if plan.is_rows else _as_output(grads.dx, plan.shape)
     if not variant.has_residual:
         dresidual = None
-    elif variant.dresidual_is_dx:
+    elif plan.dresidual_is_dx:
         dresidual = dx  # the backend wrote dh once; both inputs get it
     else:
-        dresidual = _as_output(grads.dresidual, shape)
+        dresidual = grads.dresidual if plan.is_rows else _as_output(grads.dresidual, plan.shape)
     # y unused (a Pre-LN call whose caller only reads h): weight and bias take no part in h, so they get no
     # gradient (None, as eager autograd gives), not a zero one that weight decay would then act on.
-    return dict(x=dx, residual=dresidual, weight=grads.dweight if variant.has_weight and not y_unused else None,
-                bias=grads.dbias if plan.bias_dtype is not None and not y_unused else None,
-                residual_scale=grads.dscale if variant.learned_scale else None)
+    return (dx, dresidual, grads.dweight if variant.has_weight and not y_unused else None,
+            grads.dbias if plan.bias_dtype is not None and not y_unused else None,
+            grads.dscale if plan.learned_scale else None)
 
 
-def _ordered(ctx, grads: dict, names: tuple[str, ...]) -> tuple:
-    """One gradient per forward argument, the first ones named by ``names`` in the forward's order
-    (None where an argument is not a tensor, needs no grad, or is not named)."""
-    names = names + ("",) * (len(ctx.needs_input_grad) - len(names))
-    result = tuple(grads.get(name) if needed else None
-                   for name, needed in zip(names, ctx.needs_input_grad, strict=True))
+def _ordered(ctx, grads: tuple) -> tuple:
+    """One gradient per forward argument (``grads`` in the forward's order, padded with None), None where an
+    argument needs no grad."""
+    needed = ctx.needs_input_grad
+    result = tuple(g if need else None for g, need in zip(grads, needed, strict=False))
+    result += (None,) * (len(needed) - len(result))
     return _not_differentiable_again(result)
 
 
 def _not_differentiable_again(grads: tuple) -> tuple:
     """With create_graph=True, gradients whose own backward raises a clear error: the backward kernels have
     no derivative (the torch backend's ops would otherwise record a partial, wrong one)."""
-    _eager_checks()
+    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline
+        raise RuntimeError(FUNCTORCH_MESSAGE)
     if not torch.is_grad_enabled():
         return grads
     present = [g for g in grads if g is not None]
@@ -191,33 +193,73 @@ def _not_differentiable_again(grads: tuple) -> tuple:
     return tuple(next(marked) if g is not None else None for g in grads)
 
 
+class _Norm(torch.autograd.Function):
+    """The autograd Function of the public functions' eager calls: ``_Norm.apply(plan, x, residual, weight, bias,
+    residual_scale)`` with the call's checked plan (no second lookup; few arguments: each costs in apply)."""
+
+    @staticmethod
+    def forward(ctx, plan, x, residual, weight, bias, residual_scale):
+        return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
+
+    @staticmethod
+    def backward(ctx, dy, dh_in=None):
+        # Gradients of inputs that need none are dropped by autograd: no needs_input_grad filter to pay for.
+        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in))
+
+
+class _NormNoResidual(torch.autograd.Function):
+    """``_Norm`` for the calls without a residual (and so without a residual_scale): ``apply(plan, x, weight,
+    bias)``."""
+
+    @staticmethod
+    def forward(ctx, plan, x, weight, bias):
+        return _norm_forward(ctx, plan, x, None, weight, bias, None)
+
+    @staticmethod
+    def backward(ctx, dy, dh_in=None):
+        dx, _, dweight, dbias, _ = _norm_backward(ctx, dy, dh_in)
+        return _not_differentiable_again((None, dx, dweight, dbias))
+
+
+class _NormConstantScale(torch.autograd.Function):
+    """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, residual, weight, bias)``."""
+
+    @staticmethod
+    def forward(ctx, plan, x, residual, weight, bias):
+        return _norm_forward(ctx, plan, x, residual, weight, bias, None)
+
+    @staticmethod
+    def backward(ctx, dy, dh_in=None):
+        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in)[:4])
+
+
 class LayerNormFunction(torch.autograd.Function):
     """``LayerNormFunction.apply(x, weight=None, bias=None, eps=1e-5[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None, plan=None):
-        if plan is None:
-            plan = _applied_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None):
+        plan = _applied_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
         return _norm_forward(ctx, plan, x, None, weight, bias, None)
 
     @staticmethod
     def backward(ctx, dy):
-        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight", "bias"))
+        dx, _, dweight, dbias, _ = _norm_backward(ctx, dy)
+        return _ordered(ctx, (dx, dweight, dbias))
 
 
 class RMSNormFunction(torch.autograd.Function):
     """``RMSNormFunction.apply(x, weight=None, eps=1e-6[, weight_offset, backend])`` -> y."""
 
     @staticmethod
-    def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None, plan=None):
-        if plan is None:
-            plan = _applied_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False,
-                                 weight_offset, backend)
+    def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None):
+        plan = _applied_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
+                             backend)
         return _norm_forward(ctx, plan, x, None, weight, None, None)
 
     @staticmethod
     def backward(ctx, dy):
-        return _ordered(ctx, _norm_backward(ctx, dy), ("x", "weight"))
+        dx, _, dweight, _, _ = _norm_backward(ctx, dy)
+        return _ordered(ctx, (dx, dweight))
 
 
 class AddLayerNormFunction(torch.autograd.Function):
@@ -226,16 +268,15 @@ class AddLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias=None, eps=1e-5, residual_scale=None, dropout_p=0.0,
-                prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None, plan=None):
-        if plan is None:
-            plan = _applied_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                 residual_in_fp32, weight_offset, backend)
+                prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None):
+        plan = _applied_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                             residual_in_fp32, weight_offset, backend)
         return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
-        grads = _norm_backward(ctx, dy, dh_in)
-        return _ordered(ctx, grads, ("x", "residual", "weight", "bias", "", "residual_scale"))
+        dx, dresidual, dweight, dbias, dscale = _norm_backward(ctx, dy, dh_in)
+        return _ordered(ctx, (dx, dresidual, dweight, dbias, None, dscale))
 
 
 class AddRMSNormFunction(torch.autograd.Function):
@@ -244,16 +285,15 @@ class AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, eps=1e-6, residual_scale=None, dropout_p=0.0, prenorm=False,
-                residual_in_fp32=False, weight_offset=0.0, backend=None, plan=None):
-        if plan is None:
-            plan = _applied_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
-                                 prenorm, residual_in_fp32, weight_offset, backend)
+                residual_in_fp32=False, weight_offset=0.0, backend=None):
+        plan = _applied_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
+                             prenorm, residual_in_fp32, weight_offset, backend)
         return _norm_forward(ctx, plan, x, residual, weight, None, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
-        grads = _norm_backward(ctx, dy, dh_in)
-        return _ordered(ctx, grads, ("x", "residual", "weight", "", "residual_scale"))
+        dx, dresidual, dweight, _, dscale = _norm_backward(ctx, dy, dh_in)
+        return _ordered(ctx, (dx, dresidual, dweight, None, dscale))
 
 
 FUNCTORCH_MESSAGE = ("fusednorm does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): its autograd "
@@ -285,14 +325,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     Returns y: x's shape and dtype. backend: "auto", "torch", "triton", "cuda" or None (the global
     choice, see ``fusednorm.set_backend``). Raises TypeError/ValueError naming a bad argument.
     """
-    if torch.compiler.is_compiling():
-        return _traced_call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
-    plan = _eager_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
-    if plan.direct:
-        return _direct(plan, x, None, weight, bias, None)
-    if not torch.is_grad_enabled():  # inference: no autograd Function, nothing saved
-        return _norm_forward(None, plan, x, None, weight, bias, None)
-    return LayerNormFunction.apply(x, weight, bias, eps, weight_offset, backend, plan)
+    return _call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, *, weight_offset: float = 0.0,
@@ -303,16 +336,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     16/32-bit x, float64's for float64 x).
     Returns y: x's shape and dtype.
     """
-    if torch.compiler.is_compiling():
-        return _traced_call(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
-                            backend)
-    plan = _eager_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
-                       backend)
-    if plan.direct:
-        return _direct(plan, x, None, weight, None, None)
-    if not torch.is_grad_enabled():
-        return _norm_forward(None, plan, x, None, weight, None, None)
-    return RMSNormFunction.apply(x, weight, eps, weight_offset, backend, plan)
+    return _call(True, x, None, weight, None, eps, None, 0.0, False, False, weight_offset, backend)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,
@@ -327,17 +351,8 @@ def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bi
     Returns y (x's dtype), or (y, h) with prenorm=True; h is float32 with residual_in_fp32=True,
     else residual's dtype.
     """
-    if torch.compiler.is_compiling():
-        return _traced_call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                            residual_in_fp32, weight_offset, backend)
-    plan = _eager_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-                       weight_offset, backend)
-    if plan.direct:
-        return _direct(plan, x, residual, weight, bias, residual_scale)
-    if not torch.is_grad_enabled():
-        return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
-    return AddLayerNormFunction.apply(x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
-                                      residual_in_fp32, weight_offset, backend, plan)
+    return _call(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                 weight_offset, backend)
 
 
 def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps: float | None = 1e-6, *,
@@ -345,14 +360,5 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, eps:
                  residual_in_fp32: bool = False, weight_offset: float = 0.0,
                  backend: str | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Fused h = residual * residual_scale + dropout(x); y = RMSNorm(h). Arguments as add_layer_norm."""
-    if torch.compiler.is_compiling():
-        return _traced_call(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
-                            residual_in_fp32, weight_offset, backend)
-    plan = _eager_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p, prenorm,
-                       residual_in_fp32, weight_offset, backend)
-    if plan.direct:
-        return _direct(plan, x, residual, weight, None, residual_scale)
-    if not torch.is_grad_enabled():
-        return _norm_forward(None, plan, x, residual, weight, None, residual_scale)
-    return AddRMSNormFunction.apply(x, residual, weight, eps, residual_scale, dropout_p, prenorm,
-                                    residual_in_fp32, weight_offset, backend, plan)
+    return _call(True, x, residual, weight, None, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                 weight_offset, backend)

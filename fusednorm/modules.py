@@ -29,10 +29,13 @@ from . import functional as F
 AUTOCAST_FP32_NORM_DEVICES = ("cuda",)
 
 
+_AUTOCAST_DTYPES = (torch.float16, torch.bfloat16)  # the x dtypes autocast may compute these norms in float32
+
+
 def autocast_norm_dtype(x: Tensor) -> torch.dtype:
     """The dtype torch.nn.LayerNorm / RMSNorm compute in and return for ``x`` under the current autocast
     state: float32 for 16-bit x under CUDA autocast, x's dtype otherwise."""
-    if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type in AUTOCAST_FP32_NORM_DEVICES
+    if (x.dtype in _AUTOCAST_DTYPES and x.device.type in AUTOCAST_FP32_NORM_DEVICES
             and torch.is_autocast_enabled(x.device.type)):
         return torch.float32
     return x.dtype
@@ -47,9 +50,21 @@ def _normalized_rows(x: Tensor, normalized_shape: tuple[int, ...]) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     k = len(normalized_shape)
-    if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
-        raise ValueError(f"x must end with normalized_shape {tuple(normalized_shape)}, got shape {tuple(x.shape)}")
-    return x if k == 1 else x.flatten(x.dim() - k)
+    shape = x.shape
+    if shape[len(shape) - k:] != tuple(normalized_shape):
+        raise ValueError(f"x must end with normalized_shape {tuple(normalized_shape)}, got shape {tuple(shape)}")
+    return x if k == 1 else x.flatten(len(shape) - k)
+
+
+_MISSING = object()
+
+
+def _parameter(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` for a parameter, read from ``module._parameters``: nn.Module.__getattr__ runs only after
+    a failed ordinary lookup and costs about a microsecond per parameter per call. Anything else holding the
+    name (a parametrization's property, a plain tensor attribute set by a wrapper) is read as usual."""
+    p = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if p is _MISSING else p
 
 
 def _unflatten(y: Tensor, shape: torch.Size) -> Tensor:
@@ -63,12 +78,13 @@ def layer_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: 
     """torch.nn.functional.layer_norm's result (shape, dtype, autocast behaviour) computed by fusednorm.
     x: (..., *normalized_shape); weight, bias: normalized_shape or None."""
     rows = _normalized_rows(x, normalized_shape)
-    weight, bias = _flat(weight), _flat(bias)
+    if len(normalized_shape) != 1:  # parameters of normalized_shape (N,) are (N,) already (the checks say if not)
+        weight, bias = _flat(weight), _flat(bias)
     if autocast_norm_dtype(x) != x.dtype:  # CUDA autocast: torch casts input and parameters to float32
         rows = rows.float()
         weight, bias = (p.float() if p is not None else None for p in (weight, bias))
-    y = F.layer_norm(rows, weight, bias, eps, weight_offset=weight_offset)
-    return _unflatten(y, x.shape)
+    y = F._call(False, rows, None, weight, bias, eps, None, 0.0, False, False, weight_offset, None)  # layer_norm
+    return y if rows is x else _unflatten(y, x.shape)
 
 
 def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Tensor | None, eps: float | None,
@@ -79,11 +95,12 @@ def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Te
     rows = _normalized_rows(x, normalized_shape)
     if autocast_norm_dtype(x) != x.dtype:
         rows = rows.float()
-    weight = _flat(weight)
+    if len(normalized_shape) != 1:
+        weight = _flat(weight)
     if weight is not None and weight.dtype not in (rows.dtype, torch.float32):
         weight = weight.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-    y = F.rms_norm(rows, weight, eps, weight_offset=weight_offset)
-    return _unflatten(y, x.shape)
+    y = F._call(True, rows, None, weight, None, eps, None, 0.0, False, False, weight_offset, None)  # rms_norm
+    return y if rows is x else _unflatten(y, x.shape)
 
 
 def _set_weight_offset(module: nn.Module, weight_offset: object) -> None:
@@ -118,7 +135,11 @@ class LayerNorm(nn.LayerNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_norm_like_torch(x, self.normalized_shape, self.weight, self.bias, self.eps, self.weight_offset)
+        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        if type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape:
+            # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
+            return F._call(False, x, None, weight, bias, self.eps, None, 0.0, False, False, self.weight_offset, None)
+        return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
@@ -144,7 +165,11 @@ class RMSNorm(nn.RMSNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm_like_torch(x, self.normalized_shape, self.weight, self.eps, self.weight_offset)
+        weight = _parameter(self, "weight")
+        if (type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape
+                and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
+            return F._call(True, x, None, weight, None, self.eps, None, 0.0, False, False, self.weight_offset, None)
+        return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + _offset_repr(self)
@@ -190,10 +215,8 @@ class _AddNorm(nn.Module):
         _set_weight_offset(self, weight_offset)
 
     def _scale(self):
-        return self.residual_scale if self.residual_scale is not None else self.scale_constant
-
-    def _dropout(self) -> float:
-        return self.dropout_p if self.training else 0.0
+        scale = _parameter(self, "residual_scale")
+        return scale if scale is not None else self.scale_constant
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -217,9 +240,10 @@ class AddLayerNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return F.add_layer_norm(x, residual, self.weight, self.bias, self.eps, residual_scale=self._scale(),
-                                dropout_p=self._dropout(), prenorm=self.prenorm,
-                                residual_in_fp32=self.residual_in_fp32, weight_offset=self.weight_offset)
+        # F.add_layer_norm's call, positionally (keyword arguments cost on every call)
+        p = self.dropout_p if self.training else 0.0
+        return F._call(False, x, residual, _parameter(self, "weight"), _parameter(self, "bias"), self.eps,
+                       self._scale(), p, self.prenorm, self.residual_in_fp32, self.weight_offset, None)
 
 
 class AddRMSNorm(_AddNorm):
@@ -232,6 +256,6 @@ class AddRMSNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        return F.add_rms_norm(x, residual, self.weight, self.eps, residual_scale=self._scale(),
-                              dropout_p=self._dropout(), prenorm=self.prenorm,
-                              residual_in_fp32=self.residual_in_fp32, weight_offset=self.weight_offset)
+        p = self.dropout_p if self.training else 0.0  # F.add_rms_norm's call, positionally
+        return F._call(True, x, residual, _parameter(self, "weight"), None, self.eps, self._scale(), p, self.prenorm,
+                       self.residual_in_fp32, self.weight_offset, None)

@@ -134,8 +134,8 @@ def _eager(t: Tensor) -> bool:
     """A plain tensor with data (meta tensors get the op's fake results), outside any trace and any
     TorchDispatchMode (a mode, e.g. a FLOP counter or a memory tracker, must see the op): the backend can be
     called directly."""
-    return (type(t) is Tensor and not t.is_meta and not torch._C._len_torch_dispatch_stack()
-            and not torch.compiler.is_compiling())
+    return (type(t) is Tensor and not torch._C._len_torch_dispatch_stack() and not torch.compiler.is_compiling()
+            and not t.is_meta)
 
 
 def _implementation(backend: str, device: torch.device):
@@ -147,6 +147,8 @@ def forward(variant: Variant, args: ForwardArgs, backend: str) -> ForwardResult:
     """One forward: the backend directly in eager mode (``backend`` resolved), else ``fusednorm::fwd``."""
     a = args
     if _eager(a.x):
+        if backend in backends.BACKENDS:  # resolved by the caller: the common case
+            return backends.implementation(backend).forward(variant, args)
         return _implementation(backend, a.x.device).forward(variant, args)
     return ForwardResult(*fwd(a.x, a.residual, a.weight, a.bias, a.residual_scale, a.seed, variant.flags, a.eps,
                               a.scale_value, a.dropout_p, a.weight_offset, backend))
@@ -156,6 +158,8 @@ def backward(variant: Variant, args: BackwardArgs, backend: str) -> Gradients:
     """One backward: the backend directly in eager mode, else ``fusednorm::bwd``."""
     a = args
     if _eager(a.dy):
+        if backend in backends.BACKENDS:
+            return backends.implementation(backend).backward(variant, args)
         return _implementation(backend, a.dy.device).backward(variant, args)
     return Gradients(*bwd(a.dy, a.dh_in, a.x, a.residual, a.h, a.weight, a.residual_scale, a.mean, a.rstd, a.seed,
                           variant.flags, a.scale_value, a.dropout_p, a.weight_offset, a.bias_dtype, backend))
