@@ -1,4 +1,5 @@
-"""Build script. Pure Python by default; the CUDA extension ``fusednorm._C`` (csrc/) is added only when
+"""Build script. The optional C extension ``fusednorm._philox_cpu`` (csrc/cpu/, the CPU dropout mask; skipped
+when it cannot be compiled) always; the CUDA extension ``fusednorm._C`` (csrc/) is added only when
 FUSEDNORM_BUILD_CUDA=1, or (FUSEDNORM_BUILD_CUDA unset) when a CUDA build of torch and a CUDA toolkit are
 found. Building it needs ``pip install --no-build-isolation`` (pip's isolated build environment has no
 torch), e.g. on a CPU-only CI machine with the CUDA torch wheel and the toolkit:
@@ -84,6 +85,20 @@ def cuda_extensions():
     return [extension], {"build_ext": BuildExtension}
 
 
+def cpu_extensions():
+    """The dropout mask in compiled code for the CPU (csrc/cpu/philox.c: plain C, no torch headers).
+    Optional: without a C compiler the build goes on, and fusednorm/dropout.py uses its torch definition
+    (same bits, slower). ``-std=c11`` also keeps torch's BuildExtension (the CUDA build) from adding a C++
+    standard flag to this C file."""
+    from setuptools import Extension
+
+    # -ffp-contract=off: products and sums rounded one by one, as the torch backend computes h (no fma).
+    flags = ["-O3", "-std=c11", "-ffp-contract=off"]
+    sources = ["csrc/cpu/philox.c", "csrc/cpu/module.c"]
+    return [Extension("fusednorm._philox_cpu", sources=sources, extra_compile_args=flags,
+                      define_macros=[("Py_LIMITED_API", "0x030A0000")], py_limited_api=True, optional=True)]
+
+
 ext_modules, cmdclass = cuda_extensions()
-options = {"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {}
-setup(ext_modules=ext_modules, cmdclass=cmdclass, options=options)
+ext_modules = ext_modules + cpu_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass, options={"bdist_wheel": {"py_limited_api": "cp310"}})

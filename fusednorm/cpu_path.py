@@ -2,32 +2,359 @@
 torch backend computes.
 
 On the CPU there is no fused kernel: the "torch" backend is a reference written for clarity. For the calls
-that ATen's composed ops (add, F.layer_norm / F.rms_norm, and a seed-regenerated dropout that saves no
-mask) compute with the same roundings and the same saved-tensor budget, the eager layer
-(``fusednorm.functional``) calls ``call`` instead of the autograd Function, so a CPU model costs what
-torch.nn's own modules cost. ``usable`` decides, once per call signature (the plan cache of
-``fusednorm.functional``), from facts that signature holds: dtypes, devices, the Variant, the backend.
+that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) calls
+``call`` instead of the autograd Function, so a CPU model costs what torch.nn's own modules cost:
 
-STUB: ``usable`` returns False until the CPU path is built; ``call`` is its interface.
+- h = residual * s + dropout(x): ``x + residual`` (ATen rounds the float32 sum once to h's dtype, as the
+  backend does) when there is no scale, no dropout and no dtype change; otherwise ``_PreNormSum``, a small
+  autograd Function that computes h in float32 exactly as the backend does (the same products and sums, in
+  compiled code: ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual
+  (for a learned scale) and the dropout seed: its backward regenerates the mask and never stores one.
+- the norm: ``F.layer_norm`` (ATen's fused kernels, forward and backward) on h as stored, or ``_RMSNorm``
+  (ATen's fused forward, the backend's backward); the affine parameters in h's dtype, or upcast to float32
+  (exact) where their dtype differs, ``weight + weight_offset`` summed in float32.
+
+What differs from the Function path, within DESIGN section 6 (tests/test_correctness.py's "cpu-path" target):
+where the backend normalizes an h it does not store (a learned scale in the Post-LN layout, dropout without a
+residual), the direct path normalizes h rounded to x's dtype (16-bit x), as torch's composed ops do; the
+statistics are those of that h, and ATen's backward rebuilds xhat from it (DESIGN section 2). Autograd rounds
+16-bit gradients between ATen's ops (dh before dresidual = dh * s or the Pre-LN sum dh + dh_in), and ATen's
+LayerNorm backward forms xhat as h * rstd - mean * rstd. A returned h is the backend's bit for bit.
+
+``usable`` decides, once per call signature (the plan cache of ``fusednorm.functional``), from facts that
+signature holds: dtypes, devices, shapes, the Variant, the backend. What it leaves to the Function path:
+
+- float64 x: ATen's LayerNorm backward takes xhat as h * rstd - mean * rstd and misses DESIGN section 6's
+  bound for a constant float64 row with eps = 1e-60 (tests/test_host_scalars.py), and gradcheck must stay
+  exact; the Function path (centered rows) is kept for every float64 call.
+- LayerNorm at N = 1: the same cancellation in ATen's dweight (2.6e-5 against a bound of 3.8e-6).
+- LayerNorm over a 16-bit h when ``LAYER_NORM_16BIT_ON_ATEN`` is False (see there: constant rows).
+- telemetry (the row statistics of ``store_stats``), non-CPU devices, backends other than "torch".
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import torch
 from torch import Tensor
 
-from .variant import Variant
+from . import dropout as dropout_module
+from .backends.contract import compute_dtype
+from .dropout import draw_seed, dropout_keep_mask
+from .variant import ScaleKind, Variant
+
+_FLOAT_16_32 = (torch.float16, torch.bfloat16, torch.float32)
+_enabled = True
+# LayerNorm over a 16-bit h on ATen's kernel: y = h * (rstd * w) + (b - mean * rstd * w) rounds where the torch
+# backend's (h - mean) * rstd * w + b does not, so a constant row at a large offset gives bias only to within
+# ~|mean| * rstd * 2^-24 * |w| (1e4 * 316 * 6e-8 ~ 0.2 at eps = 1e-5), where the backend gives it exactly (README:
+# "Constant rows"); elsewhere within DESIGN section 6. False: such calls take the autograd Function (exact,
+# 2-2.5x ATen's time at 512x1024 bf16 on this machine).
+LAYER_NORM_16BIT_ON_ATEN = True
+
+
+def enabled() -> bool:
+    """Whether eligible calls take the direct path (tests turn it off with ``disabled``)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run every call through the autograd Function (the torch backend itself), e.g. to test that backend.
+    The eager layer's plan cache, which remembers ``usable``'s answer per signature, is cleared on the way
+    in and out."""
+    global _enabled
+    from . import _plan
+
+    previous, _enabled = _enabled, False
+    _plan.clear()
+    try:
+        yield
+    finally:
+        _enabled = previous
+        _plan.clear()
 
 
 def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
            bias: Tensor | None, residual_scale: float | Tensor | None, weight_offset: float) -> bool:
     """True when ``call`` computes this call exactly as the torch backend would (eager, plain CPU tensors,
-    backend "torch", no telemetry). Depends only on types, dtypes, devices and the Variant."""
-    return False
+    backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes and the Variant."""
+    if not _enabled or backend != "torch" or variant.store_stats:
+        return False
+    tensors = [t for t in (x, residual, weight, bias, residual_scale) if isinstance(t, Tensor)]
+    if any(type(t) is not Tensor or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+        return False
+    if x.dtype not in _FLOAT_16_32 or (residual is not None and residual.dtype not in _FLOAT_16_32):
+        return False
+    if x.dim() == 0 or x.numel() == 0:
+        return False
+    if variant.is_rms:
+        return True
+    return x.shape[-1] > 1 and (LAYER_NORM_16BIT_ON_ATEN or variant.h_dtype(x.dtype) == torch.float32)
 
 
 def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-         residual_scale: float | Tensor | None, eps: float, scale_value: float,
-         dropout_p: float) -> Tensor | tuple[Tensor, Tensor]:
+         residual_scale: float | Tensor | None, eps: float, scale_value: float, dropout_p: float,
+         weight_offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """y, or (y, h) for a Pre-LN variant, in x's shape, differentiable by autograd (x, residual: (..., N) as
-    the caller gave them; weight, bias: (N,); residual_scale: as given)."""
-    raise NotImplementedError("fusednorm.cpu_path.call: the CPU path is not built yet")
+    the caller gave them; weight, bias: (N,); residual_scale: as given). y in x's dtype; h in
+    ``variant.h_dtype(x.dtype)``; each gradient in its input's dtype. The affine weight is
+    (weight + weight_offset), summed in float32 (Gemma's (1 + w))."""
+    key = (variant, x.dtype, _dtype(residual), _dtype(weight), _dtype(bias), weight_offset != 0.0)
+    recipe = _RECIPES.get(key)
+    if recipe is None:
+        recipe = _RECIPES[key] = _recipe(*key)
+    sum_kind, h_dtype, p_dtype, ones_weight = recipe
+    grad = torch.is_grad_enabled()
+    if sum_kind == _H_IS_X:
+        h = x
+    elif sum_kind == _H_IS_X_PLUS_R:
+        h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
+    else:
+        # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout, dropout
+        # without a residual) and normalizes the float32 sum: the statistics are then those of the rounded h, from
+        # which ATen's backward rebuilds xhat (DESIGN section 2), as torch's composed ops compute it.
+        scale = residual_scale if variant.learned_scale else None
+        seed = draw_seed(x.device) if variant.has_dropout else None
+        if grad:
+            h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+        else:  # inference: no autograd Function (its apply costs more than a small call's arithmetic)
+            h = _pre_norm_sum(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+    if weight is not None and weight_offset != 0.0:
+        weight = weight.to(torch.float32) + weight_offset
+    if p_dtype is not None:
+        weight = weight.to(p_dtype) if weight is not None else None
+        bias = bias.to(p_dtype) if bias is not None else None
+    if variant.is_rms:
+        y = _RMSNorm.apply(h, weight, eps) if grad else _rms_forward(h, weight, eps)
+    else:
+        if ones_weight:  # ATen's mixed-dtype LayerNorm backward (16-bit h, float32 bias) needs a weight: xhat * 1
+            weight = torch.ones(h.shape[-1:], dtype=torch.float32)
+        y = torch.layer_norm(h, h.shape[-1:], weight, bias, eps)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return (y, h) if variant.prenorm else y
+
+
+# How ``call`` computes a call, per (variant, x / residual / weight / bias dtypes, weight_offset != 0):
+# (how h is formed, h's dtype, the dtype the affine parameters are cast to or None, a ones weight for LayerNorm).
+_H_IS_X, _H_IS_X_PLUS_R, _H_FROM_PRE_NORM_SUM = range(3)
+_RECIPES: dict[tuple, tuple] = {}
+
+
+def _dtype(t) -> torch.dtype | None:
+    return t.dtype if isinstance(t, Tensor) else None
+
+
+def _recipe(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, has_offset: bool) -> tuple:
+    h_dtype = variant.h_dtype(x_dtype)
+    if not variant.has_residual and not variant.has_dropout and not variant.prenorm:
+        sum_kind = _H_IS_X
+    elif (variant.has_residual and variant.scale_kind == ScaleKind.NONE and not variant.has_dropout
+          and torch.promote_types(x_dtype, residual_dtype) == h_dtype):
+        sum_kind = _H_IS_X_PLUS_R
+    else:
+        sum_kind = _H_FROM_PRE_NORM_SUM
+    # The affine parameters in h's dtype when they all have it, else in float32 (exact for 16-bit parameters:
+    # the backend computes in float32); weight + weight_offset is summed in float32.
+    # LayerNorm over 16-bit h: float32 parameters take ATen's mixed-dtype kernel, which keeps float32 mean/rstd
+    # (its 16-bit kernel rounds them to 16 bits) at the same speed.
+    params = [d for d in (weight_dtype, bias_dtype) if d is not None]
+    same = all(d == h_dtype for d in params) and not has_offset
+    p_dtype = None if same and (variant.is_rms or h_dtype in (torch.float32, torch.float64)) else torch.float32
+    if not params:
+        p_dtype = None
+    ones_weight = not variant.is_rms and weight_dtype is None and p_dtype is not None and h_dtype != p_dtype
+    return sum_kind, h_dtype, p_dtype, ones_weight
+
+
+class _PreNormSum(torch.autograd.Function):
+    """h = residual * s + dropout(x), computed in float32 as the torch backend does and rounded once to
+    ``out_dtype``: in compiled code (``fusednorm._philox_cpu.pre_norm_sum``, one pass, no float32 temporaries)
+    for float32/bfloat16 tensors, else with torch ops. Saves the residual only for a learned scale (ds reads
+    it), and the dropout seed, never a mask."""
+
+    @staticmethod
+    def forward(ctx, x, residual, scale, seed, p, scale_value, out_dtype):
+        h = _pre_norm_sum(x, residual, scale, seed, p, scale_value, out_dtype)
+        ctx.save_for_backward(residual if scale is not None else None, scale, seed)
+        ctx.facts = (p, scale_value, x.dtype, residual.dtype if residual is not None else None)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        with torch.no_grad():
+            grads = _PreNormSum._gradients(ctx, dh)
+        return _not_differentiable_again(grads)
+
+    @staticmethod
+    def _gradients(ctx, dh):
+        residual, scale, seed = ctx.saved_tensors
+        p, scale_value, x_dtype, residual_dtype = ctx.facts
+        # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
+        wants_dresidual = residual_dtype is not None and ctx.needs_input_grad[1]
+        dx = dresidual = dscale = None
+        if seed is not None:
+            compiled = _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype if wants_dresidual and
+                                                  scale is None else None, scale_value)
+            if compiled is not None:
+                dx, dresidual = compiled
+            else:
+                keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
+                # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
+                dx = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=dh.dtype))
+        dx = (dh if dx is None else dx).to(x_dtype)
+        if dresidual is not None:
+            return dx, dresidual, None, None, None, None, None
+        if scale is not None and ctx.needs_input_grad[2]:
+            compiled = _scale_backward_compiled(dh, residual, scale, ctx.needs_input_grad[1])
+            if compiled is not None:
+                return dx, compiled[0], compiled[1], None, None, None, None
+        if residual_dtype is not None and ctx.needs_input_grad[1]:
+            if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
+                dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
+            elif scale is not None:
+                dresidual = (dh * scale.to(compute_dtype(dh.dtype))).to(residual_dtype)
+            else:
+                dresidual = (dh * scale_value if scale_value != 1.0 else dh).to(residual_dtype)
+        if scale is not None and ctx.needs_input_grad[2]:
+            cd = compute_dtype(x_dtype)
+            per_column = (dh.to(cd) * residual.to(cd)).reshape(-1, dh.shape[-1]).sum(0)
+            dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
+        return dx, dresidual, dscale, None, None, None, None
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/cpu/philox.c's codes
+
+
+def _pre_norm_sum(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor:
+    h = _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype)
+    return h if h is not None else _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype)
+
+
+def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor | None:
+    """h with ``_philox_cpu.pre_norm_sum``, or None where it does not apply (not built, float16/float64)."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(t.dtype) for t in (x, residual) if t is not None] + [_DTYPE_CODES.get(out_dtype)]
+    if module is None or None in codes:
+        return None
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    scale_f32 = scale.to(torch.float32).contiguous() if scale is not None else None
+    h = torch.empty(x.shape, dtype=out_dtype)
+    cols = x.shape[-1]
+    module.pre_norm_sum(
+        x.data_ptr(), codes[0], residual.data_ptr() if residual is not None else 0,
+        codes[1] if residual is not None else 0, scale_f32.data_ptr() if scale_f32 is not None else 0,
+        scale_f32.numel() if scale_f32 is not None else 0, float(scale_value),
+        int(seed.reshape(())) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
+        1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
+    return h
+
+
+def _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype, scale_value) -> tuple | None:
+    """(dx, dresidual = dh * scale_value or None when ``residual_dtype`` is None) of the dropped sum with
+    ``_philox_cpu.dropout_backward`` (one pass, the mask regenerated on the fly), or None where it does not
+    apply."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(dt) for dt in (dh.dtype, x_dtype, residual_dtype or dh.dtype)]
+    if module is None or None in codes:
+        return None
+    dh = dh.contiguous()
+    cols = dh.shape[-1]
+    dx = torch.empty(dh.shape, dtype=x_dtype)
+    dresidual = torch.empty(dh.shape, dtype=residual_dtype) if residual_dtype is not None else None
+    module.dropout_backward(dh.data_ptr(), codes[0], int(seed.reshape(())), dropout_module.keep_threshold(p),
+                            1.0 / (1.0 - p), dh.numel() // cols, cols, dx.data_ptr(), codes[1],
+                            dresidual.data_ptr() if dresidual is not None else 0, codes[2], float(scale_value))
+    return dx, dresidual
+
+
+def _scale_backward_compiled(dh, residual, scale, wants_dresidual: bool) -> tuple | None:
+    """(dresidual or None, dscale) of a learned scale with ``_philox_cpu.scale_backward`` (one pass, no float32
+    temporaries), or None where it does not apply."""
+    module = dropout_module._philox_cpu
+    codes = [_DTYPE_CODES.get(dh.dtype), _DTYPE_CODES.get(residual.dtype)]
+    if module is None or None in codes:
+        return None
+    dh, residual = dh.contiguous(), residual.contiguous()
+    scale_f32 = scale.to(torch.float32).contiguous()
+    cols = dh.shape[-1]
+    dresidual = torch.empty(residual.shape, dtype=residual.dtype) if wants_dresidual else None
+    per_column = torch.zeros(cols, dtype=torch.float32)
+    module.scale_backward(dh.data_ptr(), codes[0], residual.data_ptr(), codes[1], scale_f32.data_ptr(),
+                          scale_f32.numel(), dh.numel() // cols, cols,
+                          dresidual.data_ptr() if dresidual is not None else 0, codes[1], per_column.data_ptr())
+    return dresidual, (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
+
+
+def _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor:
+    """h with torch ops, the backend's arithmetic (float32 temporaries)."""
+    cd = compute_dtype(x.dtype)
+    h = x.to(cd)
+    if seed is not None:
+        keep = dropout_keep_mask(seed, h.numel() // h.shape[-1], h.shape[-1], p).view(h.shape)
+        h = h * (keep.to(cd) * (1.0 / (1.0 - p)))
+    if residual is not None:
+        stream = residual.to(cd)
+        if scale is not None:
+            stream = stream * scale.to(cd)
+        elif scale_value != 1.0:
+            stream = stream * scale_value
+        h = stream + h
+    return h.to(out_dtype, copy=h is x)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm with the torch backend's arithmetic: ATen's fused CPU forward (aten._fused_rms_norm) in the
+    compute dtype, and the backend's backward (ATen has no fused RMSNorm backward on the CPU; its composite
+    one, through rsqrt's derivative rstd^3, overflows float32 for eps below ~1e-26 and gives NaN for a row of
+    zeros: tests/test_host_scalars.py). Saves h as given (the stored h, or the float32 h), the weight and
+    the (M, 1) rstd. Not twice differentiable: double backward raises fusednorm's error, as the Function path."""
+
+    @staticmethod
+    def forward(ctx, h, weight, eps):
+        y, rstd = _rms_forward(h, weight, eps, with_rstd=True)
+        ctx.save_for_backward(h, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        with torch.no_grad():
+            grads = _RMSNorm._gradients(ctx, dy)
+        return _not_differentiable_again(grads)
+
+    @staticmethod
+    def _gradients(ctx, dy):
+        h, weight, rstd = ctx.saved_tensors
+        cd = compute_dtype(h.dtype)
+        dyf = dy.to(cd)
+        xhat = h.to(cd) * rstd
+        g = dyf * weight.to(cd) if weight is not None else dyf
+        dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dweight = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dweight = (dyf * xhat).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
+        return dh.to(h.dtype), dweight, None
+
+
+def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, with_rstd: bool = False):
+    """y (and the (..., 1) rstd) of RMSNorm by ATen's fused CPU kernel in the compute dtype, as the backend."""
+    cd = compute_dtype(h.dtype)
+    w = weight.to(cd) if weight is not None else None
+    y, rstd = _FUSED_RMS_NORM(h.to(cd), [h.shape[-1]], w, eps)
+    return (y, rstd) if with_rstd else y
+
+
+# The Python binding is ~2x cheaper per call than the torch.ops route (15 against 30 us at 4x64).
+_FUSED_RMS_NORM = getattr(torch, "_fused_rms_norm", torch.ops.aten._fused_rms_norm)
+
+
+def _not_differentiable_again(grads: tuple) -> tuple:
+    """With create_graph=True, gradients whose own backward raises fusednorm's clear error (the compiled sums
+    and the regenerated mask have no derivative that autograd could record)."""
+    from .functional import _not_differentiable_again as mark
+
+    return mark(grads) if torch.is_grad_enabled() else grads

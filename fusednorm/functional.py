@@ -91,6 +91,9 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
     plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                         weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
     if plan.direct:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
+        if plan.weight_offset != 0.0:  # the affine weight is (weight + weight_offset), summed there in float32
+            return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
+                                 plan.dropout_p, weight_offset=plan.weight_offset)
         return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
                              plan.dropout_p)
     if torch.is_grad_enabled():

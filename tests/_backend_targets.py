@@ -1,4 +1,6 @@
-"""The backends as this machine runs them, for tests that call the public API on each: torch; triton
+"""The backends as this machine runs them, for tests that call the public API on each: torch (the backend itself,
+through its autograd Function: the CPU path switched off); cpu-path (backend "torch" on the CPU as users get it:
+``fusednorm.cpu_path``, ATen's ops, for the calls it takes); triton
 (interpreted on CPU tensors without a GPU, on the GPU with one); the CUDA kernels emulated on the CPU
 (tests/_cuda_emulation.py, skipped where it is absent); the compiled cuda backend (GPU only).
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import fusednorm
+from fusednorm import _plan, cpu_path
 
 try:
     import _cuda_emulation  # tests/ is on sys.path (pytest's rootdir import)
@@ -38,10 +41,17 @@ def _emulate(monkeypatch) -> None:
     _cuda_emulation.install_as_cuda(monkeypatch)
 
 
+def function_path(monkeypatch) -> None:
+    """Backend "torch" through its autograd Function (the backend itself), not the CPU path, for one test."""
+    monkeypatch.setattr(cpu_path, "_enabled", False)
+    monkeypatch.setattr(_plan, "_PLANS", {})  # plans cached with the CPU path on; restored after the test
+
+
 _NO_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 # (backend name, device, set-up)
 TARGETS = [
-    pytest.param(("torch", "cpu", None), id="torch"),
+    pytest.param(("torch", "cpu", function_path), id="torch"),
+    pytest.param(("torch", "cpu", None), id="cpu-path"),
     pytest.param(("triton", "cuda", None), id="triton-gpu", marks=[pytest.mark.gpu, _NO_TRITON]) if HAS_CUDA
     else pytest.param(("triton", "cpu", None), id="triton-interpreted", marks=[_NO_TRITON]),
     pytest.param(("cuda", "cpu", _emulate), id="cuda-emulated"),

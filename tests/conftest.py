@@ -31,3 +31,14 @@ def _restore_global_backend():
     before = fusednorm.get_backend()
     yield
     fusednorm.backends._global_backend = before
+
+
+@pytest.fixture
+def torch_function_path(monkeypatch):
+    """Backend "torch" through its autograd Function and the custom ops, not the CPU path (fusednorm.cpu_path):
+    for tests of the op layer, the Function's saved tensors and bit-exact agreement with the compiled /
+    exported programs, which run the backend itself."""
+    from fusednorm import _plan, cpu_path
+
+    monkeypatch.setattr(cpu_path, "_enabled", False)
+    monkeypatch.setattr(_plan, "_PLANS", {})  # plans cached with the CPU path on; restored after the test

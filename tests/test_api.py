@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from _backend_targets import function_path  # tests/ is on sys.path (pytest's rootdir import)
 
 import fusednorm
 from fusednorm.dropout import dropout_keep_mask
@@ -44,6 +45,7 @@ def test_check_case_catches_a_wrong_backend(monkeypatch):
         return result._replace(y=result.y * 1.001)
 
     monkeypatch.setattr(torch_impl, "forward", wrong)
+    function_path(monkeypatch)  # the torch backend itself, not the CPU path (fusednorm.cpu_path)
     assert not all(r.ok for r in check_case(Case("layer_norm", (4, 64)), "torch"))
     with pytest.raises(AssertionError, match="y: err"):
         assert_section6(check_case(Case("layer_norm", (4, 64)), "torch"))
@@ -64,6 +66,7 @@ def test_oracle_applies_weight_offset_from_the_formula(monkeypatch):
     """weight_offset: the affine weight is weight + weight_offset. A backend that ignores it fails the check
     (the inputs' stored weight is ~0 with an offset of 1, so the affine weight is ~1 either way)."""
     case = Case("rms_norm", (4, 16), weight_offset=1.0)
+    function_path(monkeypatch)  # the torch backend itself, not the CPU path (fusednorm.cpu_path)
     assert_section6(check_case(case, "torch"))
     from fusednorm.backends import torch_impl
 

@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import fusednorm
 from benchmarks import floor, impls, report
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

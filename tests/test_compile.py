@@ -27,6 +27,10 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 import fusednorm
 from fusednorm import case_matrix, testing
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 CPU_BACKENDS = fusednorm.available_backends("cpu")
 # Compile in this process: Inductor's worker pool is of no use for these tiny graphs on 2 cores and
 # its start-up dominates the compile time.

@@ -3,7 +3,11 @@
 
 Backends (each with its matrix from ``fusednorm.case_matrix``, where the prunings are written):
 
-- "torch": the whole variant matrix (``case_matrix.full``);
+- "torch": the whole variant matrix (``case_matrix.full``), through the backend's autograd Function (the CPU
+  path switched off);
+- "cpu-path": backend "torch" as CPU users get it (``fusednorm.cpu_path``: ATen's ops for the calls it takes,
+  the Function for the others), every variant at a dtype rotating over DTYPES, N in (1, 7, 64)
+  (``_cpu_path_matrix``; tests/test_cpu_path.py checks which calls it takes);
 - "triton": under the Triton interpreter (no GPU) the pruned ``case_matrix.interpreted``, on a GPU the
   whole matrix and wide rows, many rows and float64 (``case_matrix.gpu``); "triton-chunked" (block cap
   lowered to 16 columns: rows wider than one block) and "triton-params-per-row" (the wide rows' paths that
@@ -80,10 +84,23 @@ def _why_no_cuda() -> str | None:
     return None if "cuda" in fusednorm.available_backends("cuda") else cuda_impl.why_unavailable()
 
 
+def _function_path(monkeypatch):
+    """Backend "torch" through its autograd Function: the backend itself, not the CPU path."""
+    from fusednorm import _plan, cpu_path
+
+    monkeypatch.setattr(cpu_path, "_enabled", False)
+    monkeypatch.setattr(_plan, "_PLANS", {})  # plans cached with the CPU path on; restored after the test
+
+
+def _cpu_path_matrix() -> list[Case]:
+    return list(case_matrix.cases_of(case_variants(), case_matrix.DTYPES, (1, 7, 64), ((5,), (2, 3)), one_dtype=True))
+
+
 _DEVICE = "cuda" if HAS_CUDA else "cpu"
 _NO_TRITON = None if HAS_TRITON else "triton is not installed"
 TARGETS = (
-    Target("torch", "torch", "cpu", case_matrix.full, gradcheck=case_matrix.gradcheck),
+    Target("torch", "torch", "cpu", case_matrix.full, _function_path, gradcheck=case_matrix.gradcheck),
+    Target("cpu-path", "torch", "cpu", _cpu_path_matrix),
     Target("triton", "triton", _DEVICE, case_matrix.gpu if HAS_CUDA else case_matrix.interpreted, why_not=_NO_TRITON,
            gradcheck=lambda: case_matrix.gradcheck((3, 5)), fast_gradcheck=not HAS_CUDA),
     Target("triton-chunked", "triton", _DEVICE, case_matrix.chunked, _lower_block_cap, _NO_TRITON),

@@ -50,6 +50,7 @@ def test_parameters_that_only_y_uses_get_no_gradient_when_y_is_unused(backend, r
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
 
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("under_no_grad", [False, True])
 def test_changing_a_saved_input_in_place_fails_like_eager(backend, under_no_grad):

@@ -29,6 +29,10 @@ pytest.importorskip("transformers")
 from _hf import FAMILIES, float64_reference, tiny_causal_lm, token_ids  # noqa: E402
 from test_integrations import OpCounter, assert_model_matches, outputs_and_grads  # noqa: E402
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 FUSED = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3", "mixtral", "starcoder2"]
 LAYERS, BATCH, SEQ, WIDTH = 2, 2, 7, 64
 

@@ -138,6 +138,7 @@ class OpCounter(TorchDispatchMode):
         return self.ops["fusednorm.fwd.default"]
 
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 def test_encoder_fast_path_is_disabled_for_swapped_layers():
     """A batch_first encoder in eval under no_grad takes torch's fused fast path, which reads the norms'
     weights and never calls the norm modules; after replace_norms fusednorm's kernels run instead (no hooks

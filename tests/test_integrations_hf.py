@@ -344,6 +344,7 @@ def _hidden_adds_and_norms(gm, hidden_shape) -> tuple[int, int]:
     return adds, norms
 
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 def test_compiled_patched_models_run_and_match_eager():
     """torch.compile(fullgraph=True) of a patched BERT (Admin scale, dropout on) and a fused LLaMA (every
     residual add fused, the hand-off between layers included): one graph, no graph break, forward and
@@ -373,6 +374,7 @@ def test_compiled_patched_models_run_and_match_eager():
 
 # --------------------------------------------------------------------------- the kernels hub convention
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 @pytest.mark.parametrize("local_repository", [True, False], ids=["LocalLayerRepository", "in_process"])
 def test_kernelize_maps_transformers_norms_to_fusednorm(tmp_path, local_repository):
     """kernels.kernelize with fusednorm's mapping (a local kernel repository written to tmp_path, or the

@@ -18,6 +18,10 @@ from fusednorm import case_matrix
 from fusednorm.testing import CONSTANT_SCALE, Case, case_variants, make_inputs, variant
 from fusednorm.variant import ScaleKind
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 BACKENDS = fusednorm.available_backends("cpu")
 M, N = 6, 16
 

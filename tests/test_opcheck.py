@@ -27,6 +27,10 @@ from fusednorm import case_matrix, ops
 from fusednorm.testing import Case, case_variants, make_inputs, run_fused
 from fusednorm.variant import ScaleKind
 
+# The op layer and the Function path of backend "torch" (on the CPU, eager calls otherwise take
+# fusednorm.cpu_path, ATen's ops: tests/test_cpu_path.py).
+pytestmark = pytest.mark.usefixtures("torch_function_path")
+
 CPU_BACKENDS = fusednorm.available_backends("cpu")
 FWD = torch.ops.fusednorm.fwd.default
 BWD = torch.ops.fusednorm.bwd.default
@@ -70,10 +74,10 @@ def _arguments(case: Case, backend: str, monkeypatch) -> tuple[tuple, tuple]:
             return real(variant, args, backend)
         return record
 
-    monkeypatch.setattr(ops, "forward", recording("fwd", ops.forward))
-    monkeypatch.setattr(ops, "backward", recording("bwd", ops.backward))
-    run_fused(case, make_inputs(case, generator=torch.Generator().manual_seed(0)), backend)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:  # undoes these two only (not the torch_function_path fixture)
+        patch.setattr(ops, "forward", recording("fwd", ops.forward))
+        patch.setattr(ops, "backward", recording("bwd", ops.backward))
+        run_fused(case, make_inputs(case, generator=torch.Generator().manual_seed(0)), backend)
     return recorded["fwd"], recorded["bwd"]
 
 

@@ -508,6 +508,7 @@ def _grad_masks(backend):
     return masks
 
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prenorm", [False, True])
 def test_every_requires_grad_mix(backend, prenorm):
@@ -663,6 +664,7 @@ def test_nonfinite_value_at_a_dropped_position_still_poisons_its_row(backend, op
     assert torch.equal(y[other], y_clean[other]) and torch.equal(h[other], h_clean[other])
 
 
+@pytest.mark.usefixtures("torch_function_path")  # the Function path (see tests/conftest.py)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("level", [3.0, 1e4])

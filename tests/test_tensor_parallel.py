@@ -233,6 +233,11 @@ def _all_checks(rank: int, backends: list[str]) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
+    from fusednorm import cpu_path
+
+    # DTensor calls run the ops, the torch backend itself: so does the single-process reference here (eager CPU
+    # calls would otherwise take fusednorm.cpu_path, ATen's ops, equal within section 6 but not bit for bit).
+    cpu_path._enabled = False
     mesh = init_device_mesh("cpu", (WORLD,))
     code = compile(readme_recipe(), str(README), "exec")
     os.environ["WORLD_SIZE"] = str(WORLD)  # what torchrun sets

@@ -127,6 +127,8 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
     rstd = args.rstd[:, None]
     dyf = dy.to(cd)
     w = _affine_weight(args.weight, args.weight_offset, cd)
+    if not variant.is_rms and _aten_kernels(hf) and hf.shape[-1] > 1:
+        return _layer_norm_backward_aten(variant, args, grads, hf, dyf, w, cd)
     xhat = hf * rstd if variant.is_rms else (hf - args.mean[:, None]) * rstd
     g = dyf * w if w is not None else dyf
     mean_gxhat = (g * xhat).mean(-1, keepdim=True)
@@ -141,6 +143,11 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
         grads.dweight.copy_((dyf * xhat).sum(0))
     if args.bias_dtype is not None:
         grads.dbias.copy_(dyf.sum(0))
+    return _input_gradients(variant, args, grads, dh, cd)
+
+
+def _input_gradients(variant: Variant, args: BackwardArgs, grads: Gradients, dh: Tensor, cd) -> Gradients:
+    """dx, dresidual and ds from dh (the gradient of h in the compute dtype, dh_in included)."""
     dx = dh
     if variant.has_dropout:
         keep = dropout_keep_mask(args.seed, dh.shape[0], dh.shape[1], args.dropout_p)
@@ -152,6 +159,26 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
         per_column = (dh * args.residual.to(cd)).sum(0)
         grads.dscale.copy_(per_column if variant.scale_kind == ScaleKind.VECTOR else per_column.sum())
     return grads
+
+
+def _layer_norm_backward_aten(variant: Variant, args: BackwardArgs, grads: Gradients, hf: Tensor, dyf: Tensor,
+                              w: Tensor | None, cd) -> Gradients:
+    """The LayerNorm backward with ATen's fused CPU kernel (N > 1: for one column it leaves rounding noise
+    rstd * g - rstd * mean(g) where dh is exactly 0), on the centered rows h - mean with a mean of 0 passed:
+    it then forms xhat = (h - mean) * rstd exactly as the composed formula does (its own
+    h * rstd - mean * rstd cancels when |mean| * rstd is large: see ``_aten_kernels``), and
+    dh = rstd * (g - mean(g) - xhat * mean(g * xhat)) in one pass; dweight = sum(dy * xhat), dbias = sum(dy)."""
+    centered = hf - args.mean[:, None]
+    zeros = args.mean.new_zeros((hf.shape[0], 1))
+    dh, dweight, _ = torch.ops.aten.native_layer_norm_backward(
+        dyf, centered, [hf.shape[-1]], zeros, args.rstd[:, None], w, None, [True, w is not None, False])
+    if args.dh_in is not None:
+        dh = dh + args.dh_in.to(cd)
+    if args.weight is not None:
+        grads.dweight.copy_(dweight)
+    if args.bias_dtype is not None:
+        grads.dbias.copy_(dyf.sum(0))
+    return _input_gradients(variant, args, grads, dh, cd)
 
 
 def _moments(v: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,258 @@
+"""The CPU eager path (fusednorm.cpu_path) and the compiled CPU dropout mask (fusednorm._philox_cpu).
+
+Section 6 of the direct path over the variant matrix is the "cpu-path" target of tests/test_correctness.py
+(and of tests/_backend_targets.py's files); here: which calls it takes and which it leaves to the autograd
+Function, that its h is the torch backend's bit for bit, that it saves no dropout mask, double backward on each
+path, and the compiled Philox mask bit for bit against the torch definition (fusednorm.dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fusednorm
+from fusednorm import cpu_path, dropout, ops
+from fusednorm.dropout import dropout_keep_mask, keep_threshold, philox_r0
+from fusednorm.testing import Case, case_variants
+from fusednorm.variant import Variant
+
+BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
+needs_compiled = pytest.mark.skipif(dropout._philox_cpu is None,
+                                    reason="fusednorm._philox_cpu is not built (setup.py build_ext --inplace)")
+
+# ---- the compiled mask -------------------------------------------------------------------------------------
+
+SEEDS = [0, 12345, 2**62 - 1, (0x7EADBEEF << 32) | 0x12345678, -5]  # high words set; a negative int64 too
+STARTS = [0, 2**32 - 100, 2**40 + 7]  # from 0, across 2^32 (the counter's high word), far beyond
+
+
+@needs_compiled
+@pytest.mark.parametrize("seed", SEEDS)
+def test_compiled_mask_is_the_torch_definition_bit_for_bit(seed):
+    seed_tensor = torch.tensor([seed])
+    for start in STARTS:
+        index = torch.arange(start, start + 777)
+        words = torch.empty(777, dtype=torch.int32)
+        dropout._philox_cpu.philox_words(seed, start, 777, words.data_ptr())
+        assert torch.equal(words.to(torch.int64) & 0xFFFFFFFF, philox_r0(seed_tensor, index)), start
+        for p in (0.1, 0.5, 0.9):
+            keep = torch.empty(777, dtype=torch.bool)
+            dropout._philox_cpu.keep_mask(seed, start, 777, keep_threshold(p), keep.data_ptr())
+            assert torch.equal(keep, (philox_r0(seed_tensor, index) >> 8) >= keep_threshold(p)), (start, p)
+
+
+@needs_compiled
+def test_dropout_keep_mask_is_the_same_with_and_without_the_compiled_code(monkeypatch):
+    seed = torch.tensor([(0x5EED << 40) | 99])
+    compiled = dropout_keep_mask(seed, 37, 53, 0.25)
+    monkeypatch.setattr(dropout, "_philox_cpu", None)
+    assert torch.equal(compiled, dropout_keep_mask(seed, 37, 53, 0.25))
+    assert abs(compiled.float().mean().item() - 0.75) < 0.03
+
+
+# ---- which calls take the direct path ----------------------------------------------------------------------
+
+
+def _usable(variant: Variant, x, residual=None, weight=None, bias=None, scale=None, backend="torch", offset=0.0):
+    return cpu_path.usable(variant, backend, x, residual, weight, bias, scale, offset)
+
+
+def test_usable_takes_plain_cpu_calls_and_leaves_the_rest_to_the_function():
+    x, w = torch.randn(4, 8), torch.randn(8)
+    ln, rms = Variant(), Variant(is_rms=True)
+    assert _usable(ln, x, weight=w) and _usable(rms, x, weight=w) and _usable(ln, x.bfloat16(), weight=w)
+    assert not _usable(ln, x.double(), weight=w.double())  # float64: ATen's LayerNorm backward, gradcheck
+    assert not _usable(rms, x.double(), weight=w.double())
+    assert not _usable(ln, torch.randn(4, 1), weight=torch.randn(1))  # N = 1: ATen's dweight cancels
+    assert _usable(rms, torch.randn(4, 1), weight=torch.randn(1))
+    assert not _usable(ln, x, weight=w, backend="triton")
+    assert not _usable(Variant(store_stats=True), x, weight=w)  # telemetry
+    assert not _usable(ln, x.to("meta"), weight=w.to("meta"))
+    assert not _usable(ln, torch.randn(0, 8), weight=w)
+    with cpu_path.disabled():
+        assert not _usable(ln, x, weight=w)
+    assert _usable(ln, x, weight=w)
+
+
+def test_the_public_functions_record_atens_ops_on_the_cpu():
+    x, r = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    assert type(fusednorm.layer_norm(x, w, b).grad_fn).__name__ == "NativeLayerNormBackward0"
+    assert type(fusednorm.add_layer_norm(x, r, w, b).grad_fn).__name__ == "NativeLayerNormBackward0"
+    with cpu_path.disabled():
+        assert _takes_the_function(fusednorm.layer_norm(x, w, b))
+    assert _takes_the_function(fusednorm.layer_norm(x.double(), w.double(), b.double()))
+
+
+def _takes_the_function(y) -> bool:
+    """y came from fusednorm.functional's autograd Function (not from ATen's ops)."""
+    return isinstance(y.grad_fn, torch.autograd.function.BackwardCFunction)
+
+
+def test_every_matrix_case_but_the_excluded_ones_is_taken():
+    """The cpu-path target of test_correctness tests the direct path, not the Function, for what it covers."""
+    taken = left = 0
+    for v in case_variants():
+        for dtype, n in ((F32, 7), (BF16, 7), (F16, 7), (F64, 7), (F32, 1)):
+            if v.residual_f32 and dtype in (F32, F64) or v.h_f32 and dtype in (F32, F64):
+                continue
+            x = torch.randn(3, n).to(dtype)
+            residual = torch.randn(3, n).to(F32 if v.residual_f32 else dtype) if v.has_residual else None
+            scale = torch.randn(n) if v.learned_scale else (0.5 if v.scale_kind else None)
+            expected = dtype != F64 and (n > 1 or v.is_rms) and not v.store_stats
+            assert _usable(v, x, residual, torch.randn(n), None, scale) == expected, (v, dtype, n)
+            taken, left = taken + expected, left + (not expected)
+    assert taken > 2 * left
+
+
+# ---- what it computes -----------------------------------------------------------------------------------------
+
+CALLS = [
+    ("add_layer_norm", dict(residual_scale=0.7071067811865476)),
+    ("add_layer_norm", dict(residual_scale="vector")),
+    ("add_layer_norm", dict(residual_scale="scalar", prenorm=True)),
+    ("add_layer_norm", dict(dropout_p=0.1)),
+    ("add_rms_norm", dict(dropout_p=0.3, residual_scale=0.5, prenorm=True)),
+    ("add_rms_norm", dict(prenorm=True, residual_in_fp32=True, dropout_p=0.2)),
+    ("add_rms_norm", dict(prenorm=True, weight_offset=1.0)),
+    ("add_layer_norm", dict(prenorm=True)),
+]
+
+
+def _run(function: str, dtype, keywords: dict, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(6, 40, generator=gen) + 3).to(dtype).requires_grad_()
+    r = torch.randn(6, 40, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(40, generator=gen).to(F32).requires_grad_()
+    keywords = dict(keywords)
+    scale = keywords.get("residual_scale")
+    if isinstance(scale, str):
+        keywords["residual_scale"] = (torch.randn(40 if scale == "vector" else (), generator=gen)
+                                      .to(dtype).requires_grad_())
+    torch.manual_seed(seed)
+    out = getattr(fusednorm, function)(x, r, w, **keywords)
+    y, h = out if keywords.get("prenorm") else (out, None)
+    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    torch.autograd.backward([y] + ([h] if h is not None else []),
+                            [dy] + ([torch.randn(h.shape, generator=gen).to(h.dtype)] if h is not None else []))
+    leaves = [x, r, w] + ([keywords["residual_scale"]] if isinstance(scale, str) else [])
+    return y.detach(), None if h is None else h.detach(), [t.grad for t in leaves], leaves
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(("function", "keywords"), CALLS, ids=[f"{f}-{k}" for f, k in CALLS])
+def test_h_is_the_torch_backends_bit_for_bit(function, keywords, dtype):
+    """h (the same dropout mask: the seed comes from torch's generator in the same order) is the float32 sum
+    rounded once, as the Function path computes it; y agrees to rounding; each gradient has its input's dtype
+    and agrees within a few ulp (autograd rounds 16-bit gradients between ATen's ops: section 6 holds, see
+    tests/test_correctness.py's cpu-path target)."""
+    y, h, grads, leaves = _run(function, dtype, keywords)
+    with cpu_path.disabled():
+        y_ref, h_ref, grads_ref, _ = _run(function, dtype, keywords)
+    if h is not None:
+        assert h.dtype == h_ref.dtype and torch.equal(h, h_ref)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, y_ref, rtol=2e-6 if dtype == F32 else 8e-3, atol=1e-5 if dtype == F32 else 2e-2)
+    for g, g_ref, leaf in zip(grads, grads_ref, leaves, strict=True):
+        assert g.dtype == leaf.dtype == g_ref.dtype
+        scale = g_ref.float().abs().max()
+        tol = 1e-5 if dtype == F32 else 3e-2  # a float32 weight gradient of bfloat16 rows: bf16-level
+        assert (g.float() - g_ref.float()).abs().max() <= tol * max(float(scale), 1.0)
+
+
+def test_no_dropout_mask_is_saved():
+    """Only what ATen's norm saves (h, its statistics, the parameters) and the seed: no (M, N) mask."""
+    saved = []
+    x, r, w, b = (torch.randn(*s, requires_grad=True) for s in ((64, 32), (64, 32), (32,), (32,)))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fusednorm.add_layer_norm(x, r, w, b, dropout_p=0.5)
+    y.sum().backward()
+    assert not any(t.dtype == torch.bool for t in saved)
+    assert sum(t.numel() for t in saved if t.dim() == 2 and t.shape[-1] == 32) == 64 * 32  # h only
+    assert x.grad.eq(0).float().mean().item() > 0.3  # the mask reached dx
+
+
+def test_double_backward_works_through_atens_ops_and_the_function_path_says_it_does_not():
+    """Direct path, LayerNorm with a plain residual: ATen's ops are twice differentiable. Its own Functions
+    (RMSNorm, the scaled / dropped sum) and the Function path raise fusednorm's error."""
+    x = torch.randn(5, 16, requires_grad=True)
+    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
+    (dx,) = torch.autograd.grad(fusednorm.layer_norm(x, w, b).square().sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.square().sum(), x)
+    x_ref = x.detach().requires_grad_()
+    (dx_ref,) = torch.autograd.grad(torch.nn.functional.layer_norm(x_ref, (16,), w, b).square().sum(), x_ref,
+                                    create_graph=True)
+    torch.testing.assert_close(ddx, torch.autograd.grad(dx_ref.square().sum(), x_ref)[0])
+    r = torch.randn(5, 16, requires_grad=True)
+    calls = [(True, lambda: fusednorm.rms_norm(x, w)),
+             (True, lambda: fusednorm.add_layer_norm(x, r, w, residual_scale=0.5)),
+             (True, lambda: fusednorm.add_rms_norm(x, r, w, dropout_p=0.2)),
+             (False, lambda: fusednorm.layer_norm(x, w, b))]
+    for direct, make in calls:
+        with contextlib.nullcontext() if direct else cpu_path.disabled():
+            (dx,) = torch.autograd.grad(make().square().sum(), x, create_graph=True)
+            with pytest.raises(RuntimeError, match=ops.DOUBLE_BACKWARD_MESSAGE[:40]):
+                dx.square().sum().backward()
+
+
+def test_a_learned_scale_gets_its_gradient_in_its_dtype():
+    case = Case("add_rms_norm[vector]", (4, 12), BF16, F32)
+    assert case.variant.learned_scale
+    x, r = torch.randn(4, 12).bfloat16().requires_grad_(), torch.randn(4, 12).bfloat16().requires_grad_()
+    s = torch.rand(12, dtype=F32, requires_grad=True)
+    fusednorm.add_rms_norm(x, r, None, residual_scale=s).float().square().sum().backward()
+    assert s.grad.dtype == F32 and s.grad.abs().sum() > 0 and x.grad.dtype == r.grad.dtype == BF16
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize(("function", "keywords"), CALLS[:6], ids=[f"{f}-{k}" for f, k in CALLS[:6]])
+def test_compiled_sums_are_the_torch_ops_ones(function, keywords, dtype, monkeypatch):
+    """_philox_cpu.pre_norm_sum / scale_backward against the torch ops they replace: the same h and y bit for
+    bit (the same float32 products and sums, rounded once), the same gradients (dscale: the float32 column sums
+    in another order)."""
+    y, h, grads, _ = _run(function, dtype, keywords)
+    monkeypatch.setattr(dropout, "_philox_cpu", None)
+    y_ref, h_ref, grads_ref, _ = _run(function, dtype, keywords)
+    assert torch.equal(y, y_ref) and (h is None or torch.equal(h, h_ref))
+    for g, g_ref in zip(grads[:2], grads_ref[:2], strict=True):
+        assert torch.equal(g, g_ref)
+    for g, g_ref in zip(grads[2:], grads_ref[2:], strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch-ops"])
+def test_dx_is_zero_at_dropped_positions_of_a_nan_row(compiled, monkeypatch):
+    """README: dx is 0 at dropped positions even in a NaN row (a select, not a product with the mask)."""
+    if not compiled:
+        monkeypatch.setattr(dropout, "_philox_cpu", None)
+    elif dropout._philox_cpu is None:
+        pytest.skip("fusednorm._philox_cpu is not built")
+    x, r = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32).bfloat16().float().requires_grad_()
+    w = torch.randn(32)
+    with torch.no_grad():
+        x[1, 3] = float("nan")
+    torch.manual_seed(7)
+    fusednorm.add_layer_norm(x, r, w, dropout_p=0.5, residual_scale=0.5).sum().backward()
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(dropout.draw_seed("cpu"), 4, 32, 0.5)
+    assert x.grad[1].isnan().any() and torch.equal(x.grad[~keep], torch.zeros(int((~keep).sum())))
+    assert r.grad[1].isnan().all() and not r.grad[0].isnan().any()
+
+
+@pytest.mark.parametrize("on_aten", [True, False])
+def test_a_constant_16bit_row_at_a_large_offset(on_aten, monkeypatch):
+    """ATen's 16-bit LayerNorm forms y = h * (rstd * w) + (b - mean * rstd * w): a constant row at 1e4 gives
+    bias to ~0.2 (cpu_path.LAYER_NORM_16BIT_ON_ATEN); switched off, the call takes the Function: exactly bias."""
+    monkeypatch.setattr(cpu_path, "LAYER_NORM_16BIT_ON_ATEN", on_aten)
+    monkeypatch.setattr(fusednorm._plan, "_PLANS", {})
+    x = torch.randn(3, 24).bfloat16()
+    x[1] = 1e4
+    w, b = torch.rand(24).add(0.5).bfloat16(), torch.randn(24).bfloat16()
+    y = fusednorm.layer_norm(x.requires_grad_(), w, b)
+    assert _takes_the_function(y) != on_aten
+    error = (y[1].float() - b.float()).abs().max().item()
+    assert error <= 0.5 if on_aten else error == 0.0
