@@ -86,13 +86,21 @@ MAX_BLOCK_N_BACKWARD = 8192
 # and 3.8: the accumulators take band * sums / 512 registers per thread, the rest of the row's work 50-100 of
 # the 128; one sum takes chunks of 2048 (4096 spilled 4-12 B on triton 3.6), heavy ones chunks of 1024
 # (2048 spilled 4-28 B on triton 3.6).
-CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (1024, 8), (3, False): (1024, 4),
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (2048, 4), (3, False): (2048, 2),
                     (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 4), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
 # three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
+# Rows wider than one band go band by band over groups of this many rows (the band's column sums resume from
+# the program's partial row): a later band's columns are re-read at most this many rows after sweep A read
+# them. L2 budget (H200: 50 MB) at N = 16384, bf16, 132 resident programs: the group's inputs read twice
+# (2 rows x 16384 x 4-6 B, dy and x or h, and the residual) plus the partial rows (16384 x 4 B per column
+# sum) are 17-26 MB + 17-26 MB, i.e. 35-52 MB for the heaviest (three sums, three inputs); 2 rows keep
+# the common ones (layer_norm: 35 MB, rms_norm family: 17-26 MB) under it, at half of 1 row's partial
+# read-modify-write traffic (L2 only: 2 x 4 B per column sum per group row).
+CHUNKED_GROUP_ROWS = 2
 # The one Triton-version-dependent choice (ptxas differs: triton 3.6 bundles CUDA 12.8's, 3.8 CUDA 12.9's).
 # ptxas's register cap (maxnreg) for the 16-warp backward launches of several chunks or rows (chunked rows;
 # heavy variants' tiles): what one 16-warp CTA per SM may use, the residency the row partition assumes
@@ -135,7 +143,8 @@ class LaunchConfig:
     ``tile_rows``), tiles of ``tile_rows`` x ``block_n``; a row is ``num_chunks`` column blocks, taken
     ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch;
     ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers;
-    ``max_registers``: ptxas's register cap per thread (Triton's ``maxnreg``), None: ptxas chooses."""
+    ``max_registers``: ptxas's register cap per thread (Triton's ``maxnreg``), None: ptxas chooses;
+    ``group_rows``: rows of several bands go band by band over groups of this many rows (backward)."""
 
     block_n: int
     num_chunks: int
@@ -147,6 +156,7 @@ class LaunchConfig:
     band_chunks: int = 1
     params_per_row: bool = False
     max_registers: int | None = None
+    group_rows: int = 1
 
     @property
     def num_bands(self) -> int:
@@ -219,6 +229,11 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
             # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills)
             band_chunks = max(2, band_chunks // 2)
         block_n = min(MAX_BLOCK_N, chunk)
+        if variant.prenorm and variant.has_dropout and dtype.itemsize <= 2 and triton.cdiv(cols, block_n) > band_chunks:
+            # Rows of several bands (grouped: the band's sums resumed from the partial row), Pre-LN with dropout
+            # and 16-bit x: half the band (the full one spilled 4-24 B on triton 3.8; halving the other heavy
+            # variants' made triton 3.6's ptxas pack them into 64 registers for 2 CTAs, spilling 4-20 B).
+            band_chunks = max(2, band_chunks // 2)
         return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
     if block_n <= 1024:
         # Tiles of several rows; heavy variants with twice the warps (8 elements per thread)
@@ -261,5 +276,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
         stages = PREFETCH_STAGES if fits and not params_per_row else 1
     several = band_chunks > 1 or tile_rows > 1
     max_registers = BACKWARD_MAX_REGISTERS if backward and num_warps == CHUNKED_BACKWARD_WARPS and several else None
+    group_rows = CHUNKED_GROUP_ROWS if triton.cdiv(num_chunks, band_chunks) > 1 else 1
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
-                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers)
+                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers,
+                        group_rows)
