@@ -23,7 +23,10 @@ Shapes of work (heuristics.py says why):
 - BAND_CHUNKS > 1: one row at a time in chunks of BLOCK_N. Sweep A reads the row (last chunk first) for
   its row sums; sweep B reads the band's chunks again (first chunk first), right after, from L2, and
   writes dx. The column accumulators of a band of BAND_CHUNKS chunks are a (BAND_CHUNKS, BLOCK_N)
-  register tile. Rows wider than one band loop over bands, the row sums kept in the (M, 2) ROW_COEF.
+  register tile. Rows wider than one band (MULTI_BAND) go in groups of GROUP rows, band by band: the band's
+  accumulators resume from the program's own partial row (same threads, same layout: every column adds its
+  rows in order, bit for bit as one band over all rows), sweep A runs in band 0 (row sums kept in the (M, 2)
+  ROW_COEF); an element's second read comes at most a group of rows after its first (L2).
 """
 
 from __future__ import annotations
@@ -211,10 +214,8 @@ def _backward_kernel(
         band_chunk = tl.arange(0, BAND_CHUNKS)[:, None]  # (BAND_CHUNKS, 1): a chunk of the band
         dscale_total = tl.zeros((), COMPUTE)  # 0-d scale: the program's sum, chunk by chunk
         if MULTI_BAND:
-            # Groups of GROUP rows, each band of the group in turn; the band's column sums resume from the
-            # program's own partial row (written and read back by the same threads, same layout: exact, so
-            # every column still adds its rows in order). A row's later bands are re-read at most GROUP
-            # rows after sweep A read them: from L2 (heuristics.CHUNKED_GROUP_ROWS says how much of it).
+            # Groups of GROUP rows, band by band, the sums resumed from the partial row: a later band is
+            # re-read at most GROUP rows after sweep A read it, from L2 (heuristics.CHUNKED_GROUP_ROWS).
             for group_start in range(row_start, row_end, GROUP):
                 group_end = tl.minimum(group_start + GROUP, row_end)
                 for band in range(0, num_bands):
@@ -238,8 +239,7 @@ def _backward_kernel(
                         LATE_R)
                     _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_cols, N, dweight, dbias,
                                 dscale, HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
-                    # The next band reads the row coefficients, the next group the partials, other threads wrote.
-                    tl.debug_barrier()
+                    tl.debug_barrier()  # the next band reads the row coefficients, the next group the partials
         else:
             dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
             dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
@@ -276,9 +276,8 @@ def _band_rows(DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, first_row
                SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                HAS_BIAS: tl.constexpr, HAS_DH_IN: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
                LATE_R: tl.constexpr):
-    """Rows [first_row, end_row) of a chunked backward on one band: sweep A (band 0, or every row when the
-    band is the row) for the row coefficients, sweep B of the band's chunks; returns the band's column
-    accumulators (BAND_CHUNKS, BLOCK_N) and a 0-d scale's running sum, with these rows added in order."""
+    """Rows [first_row, end_row) of a chunked backward on one band (sweep A in band 0, sweep B of the band):
+    the band's column accumulators (BAND_CHUNKS, BLOCK_N) and a 0-d scale's sum, these rows added in order."""
     for row32 in range(first_row, end_row):
         rows = tl.cast(row32, tl.int64) + tl.zeros((1, 1), tl.int64)
         row_mask = rows < M

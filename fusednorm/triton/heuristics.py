@@ -41,16 +41,19 @@ smaller programs even out the waves on any chip).
   sweep A reads the row (last chunk first, prefetched) for its two row sums, sweep B reads it again
   (first chunk first, so the most recently read chunk comes first) while it is still in L2 -- a row of
   16384 16-bit columns is 32 KB per tensor, 132 programs keep ~13 MB of L2 busy -- and writes dx. The
-  column accumulators of a band of chunks (8192-16384 columns: band * column sums / 512 registers per
-  thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
-  row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
-  after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
+  column accumulators of a band of chunks (band * column sums / 512 registers per thread) stay in
+  registers. Rows wider than one band go in groups of ``CHUNKED_GROUP_ROWS`` = 2 rows (1 where the L2
+  budget says so), band by band: each band of a group resumes its column sums from the program's partial
+  row (exact: every column still adds its rows in order), sweep A runs in band 0 and keeps the row sums in
+  an (M, 2) scratch, and a later band's columns are re-read a group of rows after sweep A (L2, not DRAM).
   The band is 16384 columns with at most one column sum (rms_norm, add_rms_norm in either layout;
-  heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
-  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; a 0-d scale's sum
-  counts; 32-bit x with dropout halves it, except with two (N,) sums: 1024 x 2 spilled at 64 registers where
-  1024 x 4 did not): the widest bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not
-  monotonic in the band). With triton >= 3.7 the chunked backward also caps ptxas at 128 registers
+  heavy variants: none), 8192 with two (layer_norm: 2048 x 4) or one for heavy variants, 4096 with three
+  (a learned (N,) scale with weight and bias: 2048 x 2) or two for heavy variants (``CHUNKED_BACKWARD``; a
+  0-d scale's sum counts; 32-bit x with dropout halves it, except with two (N,) sums or a 0-d scale: 1024 x 2
+  spilled at 64 registers where 1024 x 4 did not; Pre-LN with dropout and 16-bit x halves it when the row takes
+  several bands): the widest bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not
+  monotonic in the band). Chunks of 2048 keep 16-24 KB of sweep A in flight per SM (1024: 8-12 KB).
+  With triton >= 3.7 the chunked backward also caps ptxas at 128 registers
   (``BACKWARD_MAX_REGISTERS``, the one Triton-version-dependent choice).
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
@@ -85,7 +88,8 @@ MAX_BLOCK_N_BACKWARD = 8192
 # registers) and whether the variant is heavy (``heavy``). Sized by the sm_90 compile reports of triton 3.6
 # and 3.8: the accumulators take band * sums / 512 registers per thread, the rest of the row's work 50-100 of
 # the 128; one sum takes chunks of 2048 (4096 spilled 4-12 B on triton 3.6), heavy ones chunks of 1024
-# (2048 spilled 4-28 B on triton 3.6).
+# (2048 spilled 4-28 B on triton 3.6); two or three light sums take chunks of 2048 in a narrower band (2048 x 4,
+# 2048 x 2: 124-128 registers, no spill on either Triton), which rows of several bands allow now (grouped rows).
 CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (2048, 4), (3, False): (2048, 2),
                     (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 4), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
@@ -93,14 +97,16 @@ CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (2
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
-# Rows wider than one band go band by band over groups of this many rows (the band's column sums resume from
-# the program's partial row): a later band's columns are re-read at most this many rows after sweep A read
-# them. L2 budget (H200: 50 MB) at N = 16384, bf16, 132 resident programs: the group's inputs read twice
-# (2 rows x 16384 x 4-6 B, dy and x or h, and the residual) plus the partial rows (16384 x 4 B per column
-# sum) are 17-26 MB + 17-26 MB, i.e. 35-52 MB for the heaviest (three sums, three inputs); 2 rows keep
-# the common ones (layer_norm: 35 MB, rms_norm family: 17-26 MB) under it, at half of 1 row's partial
-# read-modify-write traffic (L2 only: 2 x 4 B per column sum per group row).
+# Rows wider than one band go band by band over groups of up to this many rows (the band's column sums resumed
+# from the program's partial row): a later band's columns are re-read at most a group of rows after sweep A
+# read them, which must still be in L2 (H200: 50 MB). Between the two reads a program touches its group's
+# rows (the bytes read twice: dy and x or h, and a residual that rebuilds h) and its partial rows (4 B per
+# column per vector sum), REFERENCE_SMS programs at once: 132 * N * (group * twice + 4 * sums) must stay
+# under CHUNKED_L2_BUDGET, else groups of one row (N = 16384, bf16: layer_norm 2 rows, 33 MiB; Admin's
+# add_layer_norm with a learned (N,) scale from 12288 on 1 row: 28-37 MiB, its partial rows alone 25 MiB).
+# Larger groups would halve the partials' read-modify-write (L2 only: 2 x 4 B per sum per group and column).
 CHUNKED_GROUP_ROWS = 2
+CHUNKED_L2_BUDGET = 36 * 2**20
 # The one Triton-version-dependent choice (ptxas differs: triton 3.6 bundles CUDA 12.8's, 3.8 CUDA 12.9's).
 # ptxas's register cap (maxnreg) for the 16-warp backward launches of several chunks or rows (chunked rows;
 # heavy variants' tiles): what one 16-warp CTA per SM may use, the residency the row partition assumes
@@ -224,9 +230,10 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
         sums = column_sums(variant)
         chunk, band_chunks = CHUNKED_BACKWARD[sums, heavy(variant, dtype)]
         vector_sums = sums - (variant.scale_kind == ScaleKind.SCALAR)
-        if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2:
+        if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2 and vector_sums == sums:
             # 32-bit values and a Philox stream: half the band (with two sums 1024 x 2 spilled 4-12 B at 64
-            # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills)
+            # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills; with a 0-d
+            # scale too, since the grouped rows: 12-20 B on triton 3.6)
             band_chunks = max(2, band_chunks // 2)
         block_n = min(MAX_BLOCK_N, chunk)
         if variant.prenorm and variant.has_dropout and dtype.itemsize <= 2 and triton.cdiv(cols, block_n) > band_chunks:
@@ -240,6 +247,16 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
         rows = max(1, min(MAX_TILE_ROWS, TILE_ELEMENTS // block_n))
         return block_n, 1, _warps(rows * block_n * (2 if heavy(variant, dtype) else 1)), rows, 1
     return block_n, 1, _warps(block_n), 1, 1
+
+
+def _group_rows(cols: int, variant: Variant, dtype: torch.dtype) -> int:
+    """Rows per group of a backward row wider than one band: the L2 budget (see CHUNKED_GROUP_ROWS)."""
+    reads, _ = variant.row_tensors("bwd")
+    twice = sum(variant.itemsize(t, dtype) for t in reads
+                if t in ("dy", "h", "x") or (t == "residual" and not variant.store_h))
+    sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)  # a 0-d scale's partial is one value
+    footprint = REFERENCE_SMS * cols * (CHUNKED_GROUP_ROWS * twice + 4 * sums)
+    return CHUNKED_GROUP_ROWS if footprint <= CHUNKED_L2_BUDGET else 1
 
 
 def _tile_input_bytes(variant: Variant, dtype: torch.dtype, backward: bool) -> int:
@@ -276,7 +293,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
         stages = PREFETCH_STAGES if fits and not params_per_row else 1
     several = band_chunks > 1 or tile_rows > 1
     max_registers = BACKWARD_MAX_REGISTERS if backward and num_warps == CHUNKED_BACKWARD_WARPS and several else None
-    group_rows = CHUNKED_GROUP_ROWS if triton.cdiv(num_chunks, band_chunks) > 1 else 1
+    group_rows = _group_rows(cols, variant, dtype) if triton.cdiv(num_chunks, band_chunks) > 1 else 1
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
                         triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers,
                         group_rows)
