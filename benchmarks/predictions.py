@@ -8,9 +8,9 @@ issue 18 measures them. The model, per (op, direction, N) at M * N = 2^27 bf16 e
   program and column sum, written once and read once by the reduction kernel), and for rows wider than
   one band the (M, 2) row coefficients (8 B per row, written once). The chunked backward re-reads every
   element within its row group (heuristics.CHUNKED_GROUP_ROWS): L2 hits while 132 programs' groups (the
-  bytes read twice) and partial rows fit the L2 (50 MB), as is the partial rows' read-modify-write per
-  group (2 x 4 B per column sum per group: L2 traffic, not DRAM); where they do not (N = 65536, Admin's
-  learned scale from 32768 on), the columns after the first band are counted as read again from DRAM;
+  bytes read twice) and partial rows fit 40 of the L2's 50 MB, as is the partial rows' read-modify-write per
+  group (2 x 4 B per column sum per group: L2 traffic, not DRAM); where they do not (N >= 32768; Admin's
+  learned scale at 16384), the columns after the first band are counted as read again from DRAM;
 - latency (Little's law): to stream at the copy bandwidth B, an SM must keep B * rho * L / SMs bytes of
   loads in flight (rho: the loads' share of the bytes; L: DRAM latency, 600-800 ns under load). A CTA
   keeps the tile it waits for in flight, and with prefetch (num_stages = 3) the next two tiles instead;
@@ -47,7 +47,7 @@ ELEMENTS = 2**27
 LAUNCH_S = 3e-6
 TWO_SWEEP_DUTY = 0.9
 DTYPE = torch.bfloat16
-L2_BYTES = 50 * 2**20  # H200
+L2_BYTES = 40 * 2**20  # of the H200's 50 MB: what the groups may fill (dx writes and parameters pass through too)
 
 
 def _report_rows(report: dict) -> dict[tuple, dict]:

@@ -42,10 +42,10 @@ smaller programs even out the waves on any chip).
   (first chunk first, so the most recently read chunk comes first) while it is still in L2 -- a row of
   16384 16-bit columns is 32 KB per tensor, 132 programs keep ~13 MB of L2 busy -- and writes dx. The
   column accumulators of a band of chunks (band * column sums / 512 registers per thread) stay in
-  registers. Rows wider than one band go in groups of ``CHUNKED_GROUP_ROWS`` = 2 rows (1 where the L2
-  budget says so), band by band: each band of a group resumes its column sums from the program's partial
-  row (exact: every column still adds its rows in order), sweep A runs in band 0 and keeps the row sums in
-  an (M, 2) scratch, and a later band's columns are re-read a group of rows after sweep A (L2, not DRAM).
+  registers. Rows wider than one band go in groups of ``CHUNKED_GROUP_ROWS`` = 2 rows, band by band: each
+  band of a group resumes its column sums from the program's partial row (exact: every column still adds
+  its rows in order), sweep A runs in band 0 and keeps the row sums in an (M, 2) scratch, and a later
+  band's columns are re-read a group of rows after sweep A (L2, not DRAM).
   The band is 16384 columns with at most one column sum (rms_norm, add_rms_norm in either layout;
   heavy variants: none), 8192 with two (layer_norm: 2048 x 4) or one for heavy variants, 4096 with three
   (a learned (N,) scale with weight and bias: 2048 x 2) or two for heavy variants (``CHUNKED_BACKWARD``; a
@@ -97,16 +97,16 @@ CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (2
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
-# Rows wider than one band go band by band over groups of up to this many rows (the band's column sums resumed
-# from the program's partial row): a later band's columns are re-read at most a group of rows after sweep A
-# read them, which must still be in L2 (H200: 50 MB). Between the two reads a program touches its group's
-# rows (the bytes read twice: dy and x or h, and a residual that rebuilds h) and its partial rows (4 B per
-# column per vector sum), REFERENCE_SMS programs at once: 132 * N * (group * twice + 4 * sums) must stay
-# under CHUNKED_L2_BUDGET, else groups of one row (N = 16384, bf16: layer_norm 2 rows, 33 MiB; Admin's
-# add_layer_norm with a learned (N,) scale from 12288 on 1 row: 28-37 MiB, its partial rows alone 25 MiB).
-# Larger groups would halve the partials' read-modify-write (L2 only: 2 x 4 B per sum per group and column).
+# Rows wider than one band go band by band over groups of this many rows (the band's column sums resumed from
+# the program's partial row): a later band's columns are re-read at most a group of rows after sweep A read
+# them, which must still be in L2 (H200: 50 MB). Between the two reads a program touches its group's rows (the
+# bytes read twice: dy and x or h, and a residual that rebuilds h) and its partial rows (4 B per column per
+# vector sum), 132 programs at once: 132 * N * (2 * twice + 4 * sums) = 33 MiB for layer_norm at N = 16384
+# (bf16), 25-37 MiB for the add_rms_norm family, 49 MiB for Admin's add_layer_norm with a learned (N,) scale
+# (at the L2's size: benchmarks/predictions.py counts its later bands as DRAM re-reads from 16384 on).
+# Groups of 1 row would save a third (not enough for Admin) at twice the partials' read-modify-write (L2:
+# 2 x 4 B per sum per group and column), and compiled with spills on triton 3.8 (16-32 B, add_rms_norm[vector]).
 CHUNKED_GROUP_ROWS = 2
-CHUNKED_L2_BUDGET = 36 * 2**20
 # The one Triton-version-dependent choice (ptxas differs: triton 3.6 bundles CUDA 12.8's, 3.8 CUDA 12.9's).
 # ptxas's register cap (maxnreg) for the 16-warp backward launches of several chunks or rows (chunked rows;
 # heavy variants' tiles): what one 16-warp CTA per SM may use, the residency the row partition assumes
@@ -249,16 +249,6 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
     return block_n, 1, _warps(block_n), 1, 1
 
 
-def _group_rows(cols: int, variant: Variant, dtype: torch.dtype) -> int:
-    """Rows per group of a backward row wider than one band: the L2 budget (see CHUNKED_GROUP_ROWS)."""
-    reads, _ = variant.row_tensors("bwd")
-    twice = sum(variant.itemsize(t, dtype) for t in reads
-                if t in ("dy", "h", "x") or (t == "residual" and not variant.store_h))
-    sums = column_sums(variant) - (variant.scale_kind == ScaleKind.SCALAR)  # a 0-d scale's partial is one value
-    footprint = REFERENCE_SMS * cols * (CHUNKED_GROUP_ROWS * twice + 4 * sums)
-    return CHUNKED_GROUP_ROWS if footprint <= CHUNKED_L2_BUDGET else 1
-
-
 def _tile_input_bytes(variant: Variant, dtype: torch.dtype, backward: bool) -> int:
     """Bytes per tile element of the (M, N) inputs a one-pass row loop reads (what prefetch buffers)."""
     reads, _ = variant.row_tensors("bwd" if backward else "fwd")
@@ -293,7 +283,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
         stages = PREFETCH_STAGES if fits and not params_per_row else 1
     several = band_chunks > 1 or tile_rows > 1
     max_registers = BACKWARD_MAX_REGISTERS if backward and num_warps == CHUNKED_BACKWARD_WARPS and several else None
-    group_rows = _group_rows(cols, variant, dtype) if triton.cdiv(num_chunks, band_chunks) > 1 else 1
+    group_rows = CHUNKED_GROUP_ROWS if triton.cdiv(num_chunks, band_chunks) > 1 else 1
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
                         triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers,
                         group_rows)
