@@ -1,9 +1,8 @@
 """The Triton backward kernel: one kernel for every variant, the variants as constexpr flags.
 
 Flags: those of ``fusednorm.variant.Variant.triton_backward_flags`` (the forward's, see forward.py,
-plus HAS_DH_IN: a gradient flows into the returned h, and STORE_DRESIDUAL: dresidual differs from
-dx). With STORE_H the backward reads the h the forward stored; else it rebuilds h from x and the
-residual in the compute dtype, exactly as the forward computed it.
+plus HAS_DH_IN: a gradient flows into the returned h, and STORE_DRESIDUAL: dresidual differs from dx). With
+STORE_H it reads the stored h; else it rebuilds h from x and the residual exactly as the forward did.
 
 Per row, with g = dy * (weight + weight_offset) (DESIGN section 2):
     mean_g = sum(g) / N (LayerNorm only),  mean_gxhat = sum(g * xhat) / N
@@ -17,9 +16,8 @@ gradients run to run, and -- the partition being a pure function of (M, N, dtype
 heuristics.py -- on every GPU.
 
 Shapes of work (heuristics.py says why):
-- BAND_CHUNKS == 1: tiles of ROWS rows x BLOCK_N columns, whole rows in registers, one pass over memory;
-  the row loop prefetches the next tiles (tl.range num_stages). Column sums add each tile's rows (a
-  fixed tree over ROWS), then the tiles in order.
+- BAND_CHUNKS == 1: tiles of ROWS rows x BLOCK_N, whole rows in registers, one pass, the next tiles prefetched
+  (tl.range num_stages). Column sums add each tile's rows (a fixed tree over ROWS), then the tiles in order.
 - BAND_CHUNKS > 1: one row at a time in chunks of BLOCK_N. Sweep A reads the row (last chunk first) for
   its row sums; sweep B reads the band's chunks again (first chunk first), right after, from L2, and
   writes dx. The column accumulators of a band of BAND_CHUNKS chunks are a (BAND_CHUNKS, BLOCK_N)
@@ -241,17 +239,19 @@ def _backward_kernel(
                                 dscale, HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
                     tl.debug_barrier()  # the next band reads the row coefficients, the next group the partials
         else:
-            dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            dscale = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            dweight, dbias, dscale, dscale_total = _band_rows(
-                DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, row_start, row_end, 0, M, N, cols,
-                band_chunk, dweight, dbias, dscale, dscale_total, stride_dy, stride_dh_in, stride_x, stride_r,
-                stride_h, stride_dx, stride_dr, weight_offset, scale, seed, keep_threshold, dropout_scale, COMPUTE,
-                BLOCK_N, BAND_CHUNKS, False, NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT,
-                HAS_WEIGHT, HAS_BIAS, HAS_DH_IN, STORE_DRESIDUAL, LATE_R)
-            _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_chunk * BLOCK_N + cols, N, dweight,
-                        dbias, dscale, HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
+            for band in range(0, num_bands):  # one band; as a loop, as before the groups (4 B spills without)
+                dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dscale = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dweight, dbias, dscale, dscale_total = _band_rows(
+                    DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, row_start, row_end, band, M, N, cols,
+                    band_chunk, dweight, dbias, dscale, dscale_total, stride_dy, stride_dh_in, stride_x, stride_r,
+                    stride_h, stride_dx, stride_dr, weight_offset, scale, seed, keep_threshold, dropout_scale,
+                    COMPUTE, BLOCK_N, BAND_CHUNKS, False, NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND,
+                    HAS_DROPOUT, HAS_WEIGHT, HAS_BIAS, HAS_DH_IN, STORE_DRESIDUAL, LATE_R)
+                band_cols = (band * BAND_CHUNKS + band_chunk) * BLOCK_N + cols
+                _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_cols, N, dweight, dbias, dscale,
+                            HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
         if SCALE_KIND == 2:
             tl.store(DS_PARTIAL + pid, dscale_total)
 
