@@ -5,8 +5,12 @@ issue 18 measures them. The model, per (op, direction, N) at M * N = 2^27 bf16 e
 
 - bytes: the floor F = ``Variant.bytes_per_element`` (DESIGN section 5), plus what the launch moves
   beyond it: per-row statistics (4-8 B per row), the backward's float32 partials (one row of N per
-  program and column sum, written once and read once by the reduction kernel), and the chunked
-  backward's late re-reads of rows wider than one band (heuristics.py);
+  program and column sum, written once and read once by the reduction kernel), and for rows wider than
+  one band the (M, 2) row coefficients (8 B per row, written once). The chunked backward re-reads every
+  element within its row group (heuristics.CHUNKED_GROUP_ROWS): L2 hits while 132 programs' groups (the
+  bytes read twice) and partial rows fit 40 of the L2's 50 MB, as is the partial rows' read-modify-write per
+  group (2 x 4 B per column sum per group: L2 traffic, not DRAM); where they do not (N >= 32768; Admin's
+  learned scale at 16384), the columns after the first band are counted as read again from DRAM;
 - latency (Little's law): to stream at the copy bandwidth B, an SM must keep B * rho * L / SMs bytes of
   loads in flight (rho: the loads' share of the bytes; L: DRAM latency, 600-800 ns under load). A CTA
   keeps the tile it waits for in flight, and with prefetch (num_stages = 3) the next two tiles instead;
@@ -34,6 +38,7 @@ import torch  # noqa: E402
 
 from benchmarks.triton_compile_report import ALL_WIDTHS, benchmarked_variants  # noqa: E402
 from fusednorm.triton import heuristics  # noqa: E402
+from fusednorm.variant import ScaleKind  # noqa: E402
 
 COPY_BYTES_PER_S = 4.3e12  # H200, device-to-device copy, read + write (KINDS.md, measured here)
 SMS = 132
@@ -42,6 +47,7 @@ ELEMENTS = 2**27
 LAUNCH_S = 3e-6
 TWO_SWEEP_DUTY = 0.9
 DTYPE = torch.bfloat16
+L2_BYTES = 40 * 2**20  # of the H200's 50 MB: what the groups may fill (dx writes and parameters pass through too)
 
 
 def _report_rows(report: dict) -> dict[tuple, dict]:
@@ -72,8 +78,11 @@ def predict(op: str, direction: str, n: int, rows: dict[tuple, dict]) -> dict:
         if cfg.num_chunks > 1:
             twice = sum(variant.itemsize(t, DTYPE) for t in reads
                         if t in ("dy", "h", "x") or (t == "residual" and not variant.store_h))
-            band = cfg.block_n * cfg.band_chunks
-            extra += twice * max(0, n - band) / n
+            if cfg.num_bands > 1:
+                extra += 8 / n  # the row coefficients (ROW_COEF)
+                vector_sums = sums - (variant.scale_kind == ScaleKind.SCALAR)
+                if SMS * n * (cfg.group_rows * twice + 4 * vector_sums) > L2_BYTES:  # the group is not in L2
+                    extra += twice * (n - cfg.block_n * cfg.band_chunks) / n
             tile_bytes = cfg.block_n * twice  # sweep A's chunk
         else:
             tile_bytes = cfg.tile_rows * cfg.block_n * read_bytes

@@ -65,6 +65,25 @@ def test_triton_gradients_bit_identical_run_to_run(cap, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_triton_row_groups_keep_the_column_sums_bits(monkeypatch):
+    """Rows of several bands go band by band over groups of rows, each band's column sums resumed from the
+    program's partial row: 10 rows of 40 columns in 2 programs of 5 rows (groups of 2, 2 and 1: the last
+    one partial), 3 bands (chunks of 4 columns). Bit-identical to one group of all rows (the order of
+    the kernel before groups: every column adds its rows in order), and right (the torch backend)."""
+    monkeypatch.setattr(heuristics, "MAX_BLOCK_N", 4)
+    monkeypatch.setattr(heuristics, "REFERENCE_SMS", 1)
+    cfg = heuristics.launch_config(10, 40, backward=True, variant=variant("add_layer_norm[vector]"),
+                                   dtype=torch.float32)
+    assert (cfg.num_bands, cfg.num_programs, cfg.rows_per_program, cfg.group_rows) == (3, 2, 5, 2)
+    grouped = _grads("triton", 3)
+    monkeypatch.setattr(heuristics, "CHUNKED_GROUP_ROWS", 5)
+    one_group = _grads("triton", 3)
+    for a, b in zip(grouped, one_group, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(grouped, _grads("torch", 3), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_agrees_with_torch_backend():
     """Same inputs, same dropout seed: the two backends agree to float32 rounding."""
     for a, b in zip(_grads("triton", 11, dropout_p=0.3), _grads("torch", 11, dropout_p=0.3), strict=True):

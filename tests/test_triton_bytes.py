@@ -12,11 +12,11 @@ whose tensor holds the address (and to its row and column for (M, N) tensors). T
   partials are counted: one float32 row per program and column sum (one value for a 0-d scale), read
   back once by ONE reduction launch that writes every parameter gradient in its own dtype.
 - **Access order** (rows wider than one block, processed in column chunks): every element read twice is
-  read the second time before the program touches any other row -- at most its own row group (one row)
-  in between -- so that the re-read hits L2. Rows wider than one band (the column accumulators of one
-  band stay in registers) re-read the later bands' columns after the program's other rows: counted.
+  read the second time before the program touches any row outside its row group -- its own row when
+  the row is one band, a group of ``CHUNKED_GROUP_ROWS`` rows when it is wider (band by band over the
+  group, the column sums resumed from the program's partial row) -- so that the re-read hits L2.
 - **DRAM bytes implied**: first reads and every write count, re-reads within the row group do not;
-  that must equal the byte floor, plus the partials, plus the counted late re-reads of wide rows.
+  that must equal the byte floor, plus the partials (their per-group read-modify-write stays in L2).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Traffic:
 
     def _record(self, builder, kind, ptrs, mask):
         addresses = np.broadcast_to(ptrs.data, np.shape(ptrs.data))
-        keep = np.broadcast_to(mask.data, addresses.shape)
+        # As booleans: a mask combined from a scalar comparison arrives as integers (fancy indexing otherwise).
+        keep = np.broadcast_to(mask.data.astype(bool), addresses.shape)
         size = ptrs.get_element_ty().primitive_bitwidth // 8
         self._accesses.append((kind, builder.grid_idx[0], addresses[keep].astype(np.uint64).ravel(), size))
 
@@ -242,9 +243,9 @@ def _reads_in_order(launch, name):
     return reads, touched
 
 
-def _late_rereads(launch, name) -> tuple[int, int]:
-    """(re-reads, re-reads after another row was touched in between) of tensor ``name`` in one launch;
-    asserts that no element is read three times, nor by two programs."""
+def _late_rereads(launch, name, group=lambda row: {row}) -> tuple[int, int]:
+    """(re-reads, re-reads after a row outside ``group(row)`` was touched in between) of tensor ``name`` in
+    one launch; asserts that no element is read three times, nor by two programs."""
     reads, touched = _reads_in_order(launch, name)
     first: dict[tuple, tuple] = {}
     done: set[tuple] = set()
@@ -260,7 +261,7 @@ def _late_rereads(launch, name) -> tuple[int, int]:
         assert first_program == program, f"{name}[{row}, {col}] read by two programs"
         rereads += 1
         between = set().union(set(), *touched[program][first_pos + 1:pos])
-        late += bool(between - {row})
+        late += bool(between - group(row))
     return rereads, late
 
 
@@ -270,15 +271,18 @@ CHUNKED = [Variant(has_bias=True), Variant(is_rms=True, has_residual=True, preno
 
 
 @pytest.mark.parametrize("variant", CHUNKED, ids=[v.name for v in CHUNKED])
-def test_chunked_rows_reread_within_the_row_and_count_dram_bytes(variant, monkeypatch):
-    """Rows of several chunks in one band: the second read of every element follows the first within
-    its row, so the DRAM bytes are the floor. Rows one chunk wider than a band: the second band's columns
-    are re-read after the program's other rows: (N - band) / N of the re-read inputs more. (Block cap
-    lowered to 16 columns; one SM's worth of programs, so that each program holds several rows.)"""
+def test_chunked_rows_reread_within_the_row_group_and_count_dram_bytes(variant, monkeypatch):
+    """Rows of several chunks, in one band or in two: the second read of every element follows the first
+    with at most the other rows of its group in between (one band: its own row only; two bands: groups of
+    ``CHUNKED_GROUP_ROWS`` rows, the later band re-read after the group's sweeps), so the DRAM bytes are
+    the floor. Rows of two bands resume each band's column sums from the program's partial row per
+    group: read-modify-write that stays in L2, so the DRAM partials are still one row per program and sum.
+    (Block cap lowered to 16 columns; one SM's worth of programs: 2 programs of 3 and 2 rows, groups of
+    2 rows and a last group of 1.) The control: the same launch under one-row groups shows late re-reads."""
     monkeypatch.setattr(heuristics, "MAX_BLOCK_N", 16)
     monkeypatch.setattr(heuristics, "REFERENCE_SMS", 1)
     dtype, m = torch.bfloat16, 5
-    band = 16 * heuristics.launch_config(m, 100, backward=True, variant=variant, dtype=dtype).band_chunks
+    band = 16 * heuristics.launch_config(m, 32, backward=True, variant=variant, dtype=dtype).band_chunks  # one band
     widths = (band - 3, band + 5)
     traffic = Traffic()
     with traffic.counting(monkeypatch):
@@ -287,25 +291,44 @@ def test_chunked_rows_reread_within_the_row_and_count_dram_bytes(variant, monkey
     backwards = [launch for launch in traffic.launches if launch["kernel"] == "_backward_kernel"]
     for n, backward in zip(widths, backwards, strict=True):
         cfg = heuristics.launch_config(m, n, backward=True, variant=variant, dtype=dtype)
-        assert cfg.block_n == 16 and cfg.num_chunks > 1 and cfg.num_bands == (1 if n <= band else 2)
+        assert cfg.block_n == 16 and cfg.num_chunks > 1 and (cfg.num_bands > 1) == (n > band)
         assert cfg.num_programs == backward["programs"] == 2 and cfg.rows_per_program == 3
+        group_rows = heuristics.CHUNKED_GROUP_ROWS if cfg.num_bands > 1 else 1
+        assert cfg.group_rows == group_rows == (2 if cfg.num_bands > 1 else 1)
+
+        def group(row, size=group_rows, per_program=cfg.rows_per_program):
+            first = row - row % per_program  # the program's first row
+            start = first + (row - first) // size * size
+            return set(range(start, min(start + size, first + per_program, m)))
+
         reads, writes = variant.row_tensors("bwd")
         dram = 0.0
         for tensor in reads:
             name, size = ARGUMENT[tensor], variant.itemsize(tensor, dtype)
-            rereads, late = _late_rereads(backward, name)
+            rereads, late = _late_rereads(backward, name, group)
             # Read twice: what sweep A needs for the row sums; once: dh_in, and a residual for dscale only.
             twice = tensor in ("dy", "h", "x") or (tensor == "residual" and not variant.store_h)
             assert backward["read"][name] == (2 if twice else 1) * m * n * size, (n, tensor)
-            assert rereads == (m * n if twice else 0), (n, tensor)
-            assert late == (m * (n - band) if twice and n > band else 0), (n, tensor, late)
-            dram += (m * n + late) * size  # first reads, and re-reads after another row
+            assert rereads == (m * n if twice else 0) and late == 0, (n, tensor, late)
+            if twice and cfg.num_bands > 1:  # the control: as one-row groups, a shared group's later band is late
+                shared = sum(len(group(row)) > 1 for row in range(m))
+                later = n - 16 * cfg.band_chunks  # the columns after the first band
+                assert shared == 4 and _late_rereads(backward, name)[1] == shared * later, (n, tensor)
+            dram += m * n * size  # first reads only: every re-read is within its row group
         for tensor in writes:
             assert backward["written"][ARGUMENT[tensor]] == m * n * variant.itemsize(tensor, dtype)
             dram += m * n * variant.itemsize(tensor, dtype)
-        twice = [t for t in reads if t in ("dy", "h", "x") or (t == "residual" and not variant.store_h)]
-        extra = sum(variant.itemsize(t, dtype) for t in twice) * max(0, n - band) / n
-        assert dram / (m * n) == pytest.approx(variant.bytes_per_element("bwd", dtype) + extra)
+        assert dram / (m * n) == variant.bytes_per_element("bwd", dtype)
+        # The partials: per program, each group of a wide row writes the sums' row (and reads it back
+        # from the second group on); only the last write reaches DRAM (the reduction reads it once).
+        groups = [-(-min(cfg.rows_per_program, m - first) // group_rows) if cfg.num_bands > 1 else 1
+                  for first in range(0, m, cfg.rows_per_program)]  # groups per program ([2, 1] with two bands)
+        for partial in {"DW_PARTIAL", "DB_PARTIAL", "DS_PARTIAL"} & set(backward["args"]):
+            if backward["args"][partial].dim() == 1:  # a 0-d scale: one value per program, once
+                assert backward["written"][partial] == 4 * cfg.num_programs and partial not in backward["read"]
+                continue
+            assert backward["written"][partial] == 4 * n * sum(groups), (n, partial)
+            assert backward["read"].get(partial, 0) == 4 * n * (sum(groups) - len(groups)), (n, partial)
 
 
 @triton.jit

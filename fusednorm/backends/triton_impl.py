@@ -111,7 +111,8 @@ def backward(variant: Variant, args: BackwardArgs) -> Gradients:
         *float_words(args.scale_value), *float_words(_dropout_scale(args.dropout_p)), *float_words(args.weight_offset),
         keep_threshold(args.dropout_p),
         COMPUTE=_tl_compute(dy.dtype), BLOCK_N=cfg.block_n, ROWS=cfg.tile_rows, BAND_CHUNKS=cfg.band_chunks,
-        MULTI_BAND=cfg.num_bands > 1, NUM_STAGES=cfg.num_stages, PARAMS_PER_ROW=cfg.params_per_row,
+        MULTI_BAND=cfg.num_bands > 1, GROUP=cfg.group_rows, NUM_STAGES=cfg.num_stages,
+        PARAMS_PER_ROW=cfg.params_per_row,
         num_warps=cfg.num_warps, maxnreg=cfg.max_registers,
         **variant.triton_backward_flags(has_dh_in=args.dh_in is not None),
     )

@@ -1,9 +1,8 @@
 """The Triton backward kernel: one kernel for every variant, the variants as constexpr flags.
 
 Flags: those of ``fusednorm.variant.Variant.triton_backward_flags`` (the forward's, see forward.py,
-plus HAS_DH_IN: a gradient flows into the returned h, and STORE_DRESIDUAL: dresidual differs from
-dx). With STORE_H the backward reads the h the forward stored; else it rebuilds h from x and the
-residual in the compute dtype, exactly as the forward computed it.
+plus HAS_DH_IN: a gradient flows into the returned h, and STORE_DRESIDUAL: dresidual differs from dx). With
+STORE_H it reads the stored h; else it rebuilds h from x and the residual exactly as the forward did.
 
 Per row, with g = dy * (weight + weight_offset) (DESIGN section 2):
     mean_g = sum(g) / N (LayerNorm only),  mean_gxhat = sum(g * xhat) / N
@@ -17,13 +16,15 @@ gradients run to run, and -- the partition being a pure function of (M, N, dtype
 heuristics.py -- on every GPU.
 
 Shapes of work (heuristics.py says why):
-- BAND_CHUNKS == 1: tiles of ROWS rows x BLOCK_N columns, whole rows in registers, one pass over memory;
-  the row loop prefetches the next tiles (tl.range num_stages). Column sums add each tile's rows (a
-  fixed tree over ROWS), then the tiles in order.
+- BAND_CHUNKS == 1: tiles of ROWS rows x BLOCK_N, whole rows in registers, one pass, the next tiles prefetched
+  (tl.range num_stages). Column sums add each tile's rows (a fixed tree over ROWS), then the tiles in order.
 - BAND_CHUNKS > 1: one row at a time in chunks of BLOCK_N. Sweep A reads the row (last chunk first) for
   its row sums; sweep B reads the band's chunks again (first chunk first), right after, from L2, and
   writes dx. The column accumulators of a band of BAND_CHUNKS chunks are a (BAND_CHUNKS, BLOCK_N)
-  register tile. Rows wider than one band loop over bands, the row sums kept in the (M, 2) ROW_COEF.
+  register tile. Rows wider than one band (MULTI_BAND) go in groups of GROUP rows, band by band: the band's
+  accumulators resume from the program's own partial row (same threads, same layout: every column adds its
+  rows in order, bit for bit as one band over all rows), sweep A runs in band 0 (row sums kept in the (M, 2)
+  ROW_COEF); an element's second read comes at most a group of rows after its first (L2).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ def _backward_kernel(
     scale_hi, scale_lo, dropout_scale_hi, dropout_scale_lo, weight_offset_hi, weight_offset_lo,  # host_scalar
     keep_threshold,
     COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, BAND_CHUNKS: tl.constexpr,
-    MULTI_BAND: tl.constexpr, NUM_STAGES: tl.constexpr, PARAMS_PER_ROW: tl.constexpr, IS_RMS: tl.constexpr,
+    MULTI_BAND: tl.constexpr, GROUP: tl.constexpr, NUM_STAGES: tl.constexpr, PARAMS_PER_ROW: tl.constexpr,
+    IS_RMS: tl.constexpr,
     STORE_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SCALE_KIND: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DH_IN: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
@@ -209,69 +211,122 @@ def _backward_kernel(
     else:
         band_chunk = tl.arange(0, BAND_CHUNKS)[:, None]  # (BAND_CHUNKS, 1): a chunk of the band
         dscale_total = tl.zeros((), COMPUTE)  # 0-d scale: the program's sum, chunk by chunk
-        for band in range(0, num_bands):
-            dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            dscale = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
-            for row32 in range(row_start, row_end):
-                rows = tl.cast(row32, tl.int64) + tl.zeros((1, 1), tl.int64)
-                row_mask = rows < M
-                if MULTI_BAND:
-                    if band == 0:
-                        mean_g, mean_gxhat = _row_coefficients(
-                            DY, X, R, H, W, S, MEAN, RSTD, rows, row_mask, cols, N, stride_dy, stride_x, stride_r,
-                            stride_h, weight_offset, scale, seed, keep_threshold, dropout_scale, COMPUTE, BLOCK_N,
-                            NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
-                        tl.store(ROW_COEF + 2 * rows, mean_g)
-                        tl.store(ROW_COEF + 2 * rows + 1, mean_gxhat)
-                    else:
-                        mean_g = tl.load(ROW_COEF + 2 * rows)
-                        mean_gxhat = tl.load(ROW_COEF + 2 * rows + 1)
-                else:
-                    mean_g, mean_gxhat = _row_coefficients(
-                        DY, X, R, H, W, S, MEAN, RSTD, rows, row_mask, cols, N, stride_dy, stride_x, stride_r,
-                        stride_h, weight_offset, scale, seed, keep_threshold, dropout_scale, COMPUTE, BLOCK_N,
-                        NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
-                # Sweep B: the band's chunks again, first chunk first (the last one sweep A read).
-                for c in tl.static_range(BAND_CHUNKS):
-                    chunk_cols = (band * BAND_CHUNKS + c) * BLOCK_N + cols
-                    mask = row_mask & (chunk_cols < N)
-                    s = load_scale(S, chunk_cols, mask, scale, COMPUTE, SCALE_KIND)
-                    w = 1.0
+        if MULTI_BAND:
+            # Groups of GROUP rows, band by band, the sums resumed from the partial row: a later band is
+            # re-read at most GROUP rows after sweep A read it, from L2 (heuristics.CHUNKED_GROUP_ROWS).
+            for group_start in range(row_start, row_end, GROUP):
+                group_end = tl.minimum(group_start + GROUP, row_end)
+                for band in range(0, num_bands):
+                    band_cols = (band * BAND_CHUNKS + band_chunk) * BLOCK_N + cols
+                    resumed = (band_cols < N) & (group_start > row_start)  # the program's first group: zeros
+                    dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                    dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                    dscale = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
                     if HAS_WEIGHT:
-                        w = tl.load(W + chunk_cols, mask=mask, other=0.0).to(COMPUTE) + weight_offset
-                    dy, xhat, g, r, dh_in, keep, rstd = _tile_inputs(
-                        DY, DH_IN, X, R, H, W, S, MEAN, RSTD, rows, row_mask, chunk_cols, mask, N, stride_dy,
-                        stride_dh_in, stride_x, stride_r, stride_h, w, weight_offset, s, scale, seed, keep_threshold,
-                        dropout_scale, COMPUTE, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT,
-                        HAS_DH_IN, False)
-                    dh = _row_dh(g, xhat, rstd, mean_g, mean_gxhat, IS_RMS)
-                    dh = _tile_outputs(DX, DR, S, dh, dh_in, keep, s, scale, rows, chunk_cols, mask, N, stride_dx,
-                                       stride_dr, seed, keep_threshold, dropout_scale, COMPUTE, HAS_DH_IN,
-                                       SCALE_KIND, HAS_DROPOUT, STORE_H, STORE_DRESIDUAL, False)
-                    # Chunk c's row of the accumulator tiles (c is a constant: the select folds away).
-                    here = band_chunk == c
-                    if HAS_WEIGHT:
-                        dweight = tl.where(here, dweight + dy * xhat, dweight)
+                        dweight = tl.load(DW_PARTIAL + partial_row + band_cols, mask=resumed, other=0.0)
                     if HAS_BIAS:
-                        dbias = tl.where(here, dbias + dy, dbias)
-                    if LATE_R:
-                        r = tl.load(R + rows * stride_r + chunk_cols, mask=mask, other=0.0)
+                        dbias = tl.load(DB_PARTIAL + partial_row + band_cols, mask=resumed, other=0.0)
                     if SCALE_KIND == 3:
-                        dscale = tl.where(here, dscale + dh * late_upcast(r, COMPUTE), dscale)
-                    elif SCALE_KIND == 2:  # a 0-d scale needs no column accumulator: one value, in order
-                        dscale_total += tl.sum(tl.sum(dh * late_upcast(r, COMPUTE), axis=1), axis=0)
-            band_cols = (band * BAND_CHUNKS + band_chunk) * BLOCK_N + cols
-            if HAS_WEIGHT:
-                tl.store(DW_PARTIAL + partial_row + band_cols, dweight, mask=band_cols < N)
-            if HAS_BIAS:
-                tl.store(DB_PARTIAL + partial_row + band_cols, dbias, mask=band_cols < N)
-            if SCALE_KIND == 3:
-                tl.store(DS_PARTIAL + partial_row + band_cols, dscale, mask=band_cols < N)
-            if MULTI_BAND:
-                tl.debug_barrier()  # the next band reads the row coefficients other threads wrote
+                        dscale = tl.load(DS_PARTIAL + partial_row + band_cols, mask=resumed, other=0.0)
+                    dweight, dbias, dscale, dscale_total = _band_rows(
+                        DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, group_start, group_end, band, M, N,
+                        cols, band_chunk, dweight, dbias, dscale, dscale_total, stride_dy, stride_dh_in, stride_x,
+                        stride_r, stride_h, stride_dx, stride_dr, weight_offset, scale, seed, keep_threshold,
+                        dropout_scale, COMPUTE, BLOCK_N, BAND_CHUNKS, True, NUM_STAGES, IS_RMS, STORE_H,
+                        HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT, HAS_BIAS, HAS_DH_IN, STORE_DRESIDUAL,
+                        LATE_R)
+                    _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_cols, N, dweight, dbias,
+                                dscale, HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
+                    tl.debug_barrier()  # the next band reads the row coefficients, the next group the partials
+        else:
+            for band in range(0, num_bands):  # one band; as a loop, as before the groups (4 B spills without)
+                dweight = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dbias = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dscale = tl.zeros((BAND_CHUNKS, BLOCK_N), COMPUTE)
+                dweight, dbias, dscale, dscale_total = _band_rows(
+                    DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, row_start, row_end, band, M, N, cols,
+                    band_chunk, dweight, dbias, dscale, dscale_total, stride_dy, stride_dh_in, stride_x, stride_r,
+                    stride_h, stride_dx, stride_dr, weight_offset, scale, seed, keep_threshold, dropout_scale,
+                    COMPUTE, BLOCK_N, BAND_CHUNKS, False, NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND,
+                    HAS_DROPOUT, HAS_WEIGHT, HAS_BIAS, HAS_DH_IN, STORE_DRESIDUAL, LATE_R)
+                band_cols = (band * BAND_CHUNKS + band_chunk) * BLOCK_N + cols
+                _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_cols, N, dweight, dbias, dscale,
+                            HAS_WEIGHT, HAS_BIAS, SCALE_KIND)
         if SCALE_KIND == 2:
             tl.store(DS_PARTIAL + pid, dscale_total)
+
+
+@triton.jit
+def _store_band(DW_PARTIAL, DB_PARTIAL, DS_PARTIAL, partial_row, band_cols, N, dweight, dbias, dscale,
+                HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_KIND: tl.constexpr):
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + partial_row + band_cols, dweight, mask=band_cols < N)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + partial_row + band_cols, dbias, mask=band_cols < N)
+    if SCALE_KIND == 3:
+        tl.store(DS_PARTIAL + partial_row + band_cols, dscale, mask=band_cols < N)
+
+
+@triton.jit
+def _band_rows(DY, DH_IN, X, R, H, W, S, MEAN, RSTD, DX, DR, ROW_COEF, first_row, end_row, band, M, N, cols,
+               band_chunk, dweight, dbias, dscale, dscale_total, stride_dy, stride_dh_in, stride_x, stride_r,
+               stride_h, stride_dx, stride_dr, weight_offset, scale, seed, keep_threshold, dropout_scale,
+               COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, BAND_CHUNKS: tl.constexpr, MULTI_BAND: tl.constexpr,
+               NUM_STAGES: tl.constexpr, IS_RMS: tl.constexpr, STORE_H: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+               SCALE_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_BIAS: tl.constexpr, HAS_DH_IN: tl.constexpr, STORE_DRESIDUAL: tl.constexpr,
+               LATE_R: tl.constexpr):
+    """Rows [first_row, end_row) of a chunked backward on one band (sweep A in band 0, sweep B of the band):
+    the band's column accumulators (BAND_CHUNKS, BLOCK_N) and a 0-d scale's sum, these rows added in order."""
+    for row32 in range(first_row, end_row):
+        rows = tl.cast(row32, tl.int64) + tl.zeros((1, 1), tl.int64)
+        row_mask = rows < M
+        if MULTI_BAND:
+            if band == 0:
+                mean_g, mean_gxhat = _row_coefficients(
+                    DY, X, R, H, W, S, MEAN, RSTD, rows, row_mask, cols, N, stride_dy, stride_x, stride_r,
+                    stride_h, weight_offset, scale, seed, keep_threshold, dropout_scale, COMPUTE, BLOCK_N,
+                    NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
+                tl.store(ROW_COEF + 2 * rows, mean_g)
+                tl.store(ROW_COEF + 2 * rows + 1, mean_gxhat)
+            else:
+                mean_g = tl.load(ROW_COEF + 2 * rows)
+                mean_gxhat = tl.load(ROW_COEF + 2 * rows + 1)
+        else:
+            mean_g, mean_gxhat = _row_coefficients(
+                DY, X, R, H, W, S, MEAN, RSTD, rows, row_mask, cols, N, stride_dy, stride_x, stride_r,
+                stride_h, weight_offset, scale, seed, keep_threshold, dropout_scale, COMPUTE, BLOCK_N,
+                NUM_STAGES, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT)
+        # Sweep B: the band's chunks again, first chunk first (the last one sweep A read).
+        for c in tl.static_range(BAND_CHUNKS):
+            chunk_cols = (band * BAND_CHUNKS + c) * BLOCK_N + cols
+            mask = row_mask & (chunk_cols < N)
+            s = load_scale(S, chunk_cols, mask, scale, COMPUTE, SCALE_KIND)
+            w = 1.0
+            if HAS_WEIGHT:
+                w = tl.load(W + chunk_cols, mask=mask, other=0.0).to(COMPUTE) + weight_offset
+            dy, xhat, g, r, dh_in, keep, rstd = _tile_inputs(
+                DY, DH_IN, X, R, H, W, S, MEAN, RSTD, rows, row_mask, chunk_cols, mask, N, stride_dy,
+                stride_dh_in, stride_x, stride_r, stride_h, w, weight_offset, s, scale, seed, keep_threshold,
+                dropout_scale, COMPUTE, IS_RMS, STORE_H, HAS_RESIDUAL, SCALE_KIND, HAS_DROPOUT, HAS_WEIGHT,
+                HAS_DH_IN, False)
+            dh = _row_dh(g, xhat, rstd, mean_g, mean_gxhat, IS_RMS)
+            dh = _tile_outputs(DX, DR, S, dh, dh_in, keep, s, scale, rows, chunk_cols, mask, N, stride_dx,
+                               stride_dr, seed, keep_threshold, dropout_scale, COMPUTE, HAS_DH_IN,
+                               SCALE_KIND, HAS_DROPOUT, STORE_H, STORE_DRESIDUAL, False)
+            # Chunk c's row of the accumulator tiles (c is a constant: the select folds away).
+            here = band_chunk == c
+            if HAS_WEIGHT:
+                dweight = tl.where(here, dweight + dy * xhat, dweight)
+            if HAS_BIAS:
+                dbias = tl.where(here, dbias + dy, dbias)
+            if LATE_R:
+                r = tl.load(R + rows * stride_r + chunk_cols, mask=mask, other=0.0)
+            if SCALE_KIND == 3:
+                dscale = tl.where(here, dscale + dh * late_upcast(r, COMPUTE), dscale)
+            elif SCALE_KIND == 2:  # a 0-d scale needs no column accumulator: one value, in order
+                dscale_total += tl.sum(tl.sum(dh * late_upcast(r, COMPUTE), axis=1), axis=0)
+    return dweight, dbias, dscale, dscale_total
 
 
 @triton.jit

@@ -41,16 +41,19 @@ smaller programs even out the waves on any chip).
   sweep A reads the row (last chunk first, prefetched) for its two row sums, sweep B reads it again
   (first chunk first, so the most recently read chunk comes first) while it is still in L2 -- a row of
   16384 16-bit columns is 32 KB per tensor, 132 programs keep ~13 MB of L2 busy -- and writes dx. The
-  column accumulators of a band of chunks (8192-16384 columns: band * column sums / 512 registers per
-  thread) stay in registers across the program's rows. Rows wider than one band loop over bands: the
-  row sums are taken once (band 0) and kept in an (M, 2) scratch; a later band's columns are read again
-  after the program's other rows (from DRAM: 1 + (N - band) / N reads of dy and h, or x and residual).
+  column accumulators of a band of chunks (band * column sums / 512 registers per thread) stay in
+  registers. Rows wider than one band go in groups of ``CHUNKED_GROUP_ROWS`` = 2 rows, band by band: each
+  band of a group resumes its column sums from the program's partial row (exact: every column still adds
+  its rows in order), sweep A runs in band 0 and keeps the row sums in an (M, 2) scratch, and a later
+  band's columns are re-read a group of rows after sweep A (L2, not DRAM).
   The band is 16384 columns with at most one column sum (rms_norm, add_rms_norm in either layout;
-  heavy variants: none), 8192 with two (layer_norm) or one for heavy variants, 4096 with three (a learned
-  (N,) scale with weight and bias) or two for heavy variants (``CHUNKED_BACKWARD``; a 0-d scale's sum
-  counts; 32-bit x with dropout halves it, except with two (N,) sums: 1024 x 2 spilled at 64 registers where
-  1024 x 4 did not): the widest bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not
-  monotonic in the band). With triton >= 3.7 the chunked backward also caps ptxas at 128 registers
+  heavy variants: none), 8192 with two (layer_norm: 2048 x 4) or one for heavy variants, 4096 with three
+  (a learned (N,) scale with weight and bias: 2048 x 2) or two for heavy variants (``CHUNKED_BACKWARD``; a
+  0-d scale's sum counts; 32-bit x with dropout halves it, except with two (N,) sums or a 0-d scale: 1024 x 2
+  spilled at 64 registers where 1024 x 4 did not; Pre-LN with dropout and 16-bit x halves it when the row takes
+  several bands): the widest bands that compiled without spills on triton 3.6 and 3.8 (ptxas is not
+  monotonic in the band). Chunks of 2048 keep 16-24 KB of sweep A in flight per SM (1024: 8-12 KB).
+  With triton >= 3.7 the chunked backward also caps ptxas at 128 registers
   (``BACKWARD_MAX_REGISTERS``, the one Triton-version-dependent choice).
 
 **Row partition (backward).** Each program takes a contiguous range of rows, whole tiles, and writes
@@ -85,14 +88,25 @@ MAX_BLOCK_N_BACKWARD = 8192
 # registers) and whether the variant is heavy (``heavy``). Sized by the sm_90 compile reports of triton 3.6
 # and 3.8: the accumulators take band * sums / 512 registers per thread, the rest of the row's work 50-100 of
 # the 128; one sum takes chunks of 2048 (4096 spilled 4-12 B on triton 3.6), heavy ones chunks of 1024
-# (2048 spilled 4-28 B on triton 3.6).
-CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (1024, 8), (3, False): (1024, 4),
+# (2048 spilled 4-28 B on triton 3.6); two or three light sums take chunks of 2048 in a narrower band (2048 x 4,
+# 2048 x 2: 124-128 registers, no spill on either Triton), which rows of several bands allow now (grouped rows).
+CHUNKED_BACKWARD = {(0, False): (4096, 4), (1, False): (2048, 8), (2, False): (2048, 4), (3, False): (2048, 2),
                     (0, True): (2048, 8), (1, True): (1024, 8), (2, True): (1024, 4), (3, True): (1024, 4)}
 # The one-pass backward (16 elements per thread, 16 warps at 8192 columns) of a heavy variant or one with
 # three column sums needs more than 128 registers at 8192 columns: from 8192 on, it takes the chunked path
 # (whose band then still covers the row: one pass over DRAM).
 MAX_BLOCK_N_BACKWARD_HEAVY = 4096
 CHUNKED_BACKWARD_WARPS = 16
+# Rows wider than one band go band by band over groups of this many rows (the band's column sums resumed from
+# the program's partial row): a later band's columns are re-read at most a group of rows after sweep A read
+# them, which must still be in L2 (H200: 50 MB). Between the two reads a program touches its group's rows (the
+# bytes read twice: dy and x or h, and a residual that rebuilds h) and its partial rows (4 B per column per
+# vector sum), 132 programs at once: 132 * N * (2 * twice + 4 * sums) = 33 MiB for layer_norm at N = 16384
+# (bf16), 25-37 MiB for the add_rms_norm family, 49 MiB for Admin's add_layer_norm with a learned (N,) scale
+# (at the L2's size: benchmarks/predictions.py counts its later bands as DRAM re-reads from 16384 on).
+# Groups of 1 row would save a third (not enough for Admin) at twice the partials' read-modify-write (L2:
+# 2 x 4 B per sum per group and column), and compiled with spills on triton 3.8 (16-32 B, add_rms_norm[vector]).
+CHUNKED_GROUP_ROWS = 2
 # The one Triton-version-dependent choice (ptxas differs: triton 3.6 bundles CUDA 12.8's, 3.8 CUDA 12.9's).
 # ptxas's register cap (maxnreg) for the 16-warp backward launches of several chunks or rows (chunked rows;
 # heavy variants' tiles): what one 16-warp CTA per SM may use, the residency the row partition assumes
@@ -135,7 +149,8 @@ class LaunchConfig:
     ``tile_rows``), tiles of ``tile_rows`` x ``block_n``; a row is ``num_chunks`` column blocks, taken
     ``band_chunks`` at a time (backward; 1 = one pass); ``num_warps`` warps, ``num_stages`` prefetch;
     ``params_per_row``: the (N,) parameters are re-read per row instead of held in registers;
-    ``max_registers``: ptxas's register cap per thread (Triton's ``maxnreg``), None: ptxas chooses."""
+    ``max_registers``: ptxas's register cap per thread (Triton's ``maxnreg``), None: ptxas chooses;
+    ``group_rows``: rows of several bands go band by band over groups of this many rows (backward)."""
 
     block_n: int
     num_chunks: int
@@ -147,6 +162,7 @@ class LaunchConfig:
     band_chunks: int = 1
     params_per_row: bool = False
     max_registers: int | None = None
+    group_rows: int = 1
 
     @property
     def num_bands(self) -> int:
@@ -214,11 +230,17 @@ def block_config(cols: int, backward: bool, variant: Variant | None = None,
         sums = column_sums(variant)
         chunk, band_chunks = CHUNKED_BACKWARD[sums, heavy(variant, dtype)]
         vector_sums = sums - (variant.scale_kind == ScaleKind.SCALAR)
-        if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2:
+        if dtype.itemsize > 2 and variant.has_dropout and vector_sums != 2 and vector_sums == sums:
             # 32-bit values and a Philox stream: half the band (with two sums 1024 x 2 spilled 4-12 B at 64
-            # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills)
+            # registers on triton 3.6 and 3.8, where 1024 x 4 compiles at 96-100 without spills; with a 0-d
+            # scale too, since the grouped rows: 12-20 B on triton 3.6)
             band_chunks = max(2, band_chunks // 2)
         block_n = min(MAX_BLOCK_N, chunk)
+        if variant.prenorm and variant.has_dropout and dtype.itemsize <= 2 and triton.cdiv(cols, block_n) > band_chunks:
+            # Rows of several bands (grouped: the band's sums resumed from the partial row), Pre-LN with dropout
+            # and 16-bit x: half the band (the full one spilled 4-24 B on triton 3.8; halving the other heavy
+            # variants' made triton 3.6's ptxas pack them into 64 registers for 2 CTAs, spilling 4-20 B).
+            band_chunks = max(2, band_chunks // 2)
         return block_n, triton.cdiv(cols, block_n), CHUNKED_BACKWARD_WARPS, 1, band_chunks
     if block_n <= 1024:
         # Tiles of several rows; heavy variants with twice the warps (8 elements per thread)
@@ -261,5 +283,7 @@ def launch_config(rows: int, cols: int, device: torch.device | None = None, back
         stages = PREFETCH_STAGES if fits and not params_per_row else 1
     several = band_chunks > 1 or tile_rows > 1
     max_registers = BACKWARD_MAX_REGISTERS if backward and num_warps == CHUNKED_BACKWARD_WARPS and several else None
+    group_rows = CHUNKED_GROUP_ROWS if triton.cdiv(num_chunks, band_chunks) > 1 else 1
     return LaunchConfig(block_n, num_chunks, num_warps, tile_rows, rows_per_program,
-                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers)
+                        triton.cdiv(rows, rows_per_program), stages, band_chunks, params_per_row, max_registers,
+                        group_rows)
