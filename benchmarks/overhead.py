@@ -144,6 +144,15 @@ def _cases(rows: int, n: int, device, dtype) -> list[dict]:
         "AddLayerNorm": fusednorm.AddLayerNorm(n, device=device, dtype=dtype),
         "AddRMSNorm(prenorm)": fusednorm.AddRMSNorm(n, prenorm=True, device=device, dtype=dtype),
     }
+    # torch.nn's own modules, with the same parameters: the like-for-like reference of the module rows (the goal
+    # stays F.layer_norm / F.rms_norm's call; this column shows what nn.Module.__call__ itself costs on both sides).
+    torch_ln = torch.nn.LayerNorm(n, device=device, dtype=dtype)
+    torch_ln.weight, torch_ln.bias = modules["LayerNorm"].weight, modules["LayerNorm"].bias
+    torch_rms = torch.nn.RMSNorm(n, eps=1e-6, device=device, dtype=dtype)
+    torch_rms.weight = modules["RMSNorm"].weight
+    module_refs = {"LayerNorm module": lambda: torch_ln(x), "RMSNorm module": lambda: torch_rms(x),
+                   "AddLayerNorm module": lambda: torch_ln(x + r), "AddRMSNorm(prenorm) module":
+                   lambda: (lambda h: (torch_rms(h), h))(x + r)}
     cases = [
         ("layer_norm", lambda: fusednorm.layer_norm(x, w, b), ln_ref, lambda: F.layer_norm(x, (n,), w, b)),
         ("rms_norm", lambda: fusednorm.rms_norm(x, w), rms_ref, lambda: F.rms_norm(x, (n,), w, 1e-6)),
@@ -163,7 +172,8 @@ def _cases(rows: int, n: int, device, dtype) -> list[dict]:
         ("AddRMSNorm(prenorm) module", lambda: modules["AddRMSNorm(prenorm)"](x, r), rms_ref,
          lambda: (lambda h: (F.rms_norm(h, (n,), w, 1e-6), h))(x + r)),
     ]
-    return [dict(name=name, fused=fused, forward_ref=fref, train_ref=tref) for name, fused, fref, tref in cases]
+    return [dict(name=name, fused=fused, forward_ref=fref, train_ref=tref, module_ref=module_refs.get(name))
+            for name, fused, fref, tref in cases]
 
 
 def _train(fn: Callable[[], object]) -> Callable[[], None]:
@@ -198,6 +208,10 @@ def run(device: str, rows: int, n: int, calls: int, repeats: int, statistic: str
             row["forward_nograd_ratio"] = row["forward_nograd_us"] / row["aten_forward_nograd_us"]
             row["forward_ratio"] = row["forward_us"] / row["aten_forward_us"]
             row["train_ratio"] = row["train_us"] / row["aten_train_us"]
+            if case["module_ref"] is not None:  # forward with grad, against torch.nn's module call
+                fused_us, module_us = timed(case["fused"], case["module_ref"])
+                row.update(module_forward_us=fused_us, torch_module_forward_us=module_us,
+                           torch_module_forward_ratio=fused_us / module_us)
             if dev.type == "cuda":
                 with torch.no_grad():
                     row["forward_graph_us"] = cuda_graph_us(case["fused"], 100, repeats, statistic)
@@ -224,6 +238,13 @@ def markdown(results: list[dict]) -> str:
                      f"{mark(r['forward_nograd_ratio'], FORWARD_GOAL)} | {r['forward_us']:.1f} | "
                      f"{r['aten_forward_us']:.1f} | {mark(r['forward_ratio'], FORWARD_GOAL)} | {r['train_us']:.1f} | "
                      f"{r['aten_train_us']:.1f} | {mark(r['train_ratio'], TRAIN_GOAL)} |")
+    modules = [r for r in results if "torch_module_forward_us" in r]
+    if modules:
+        lines += ["", "Modules, forward with grad, against torch.nn's own module call (torch.nn.LayerNorm / RMSNorm, "
+                  "with ``x + r`` for the Add* modules; nn.Module.__call__ on both sides; timed in their own pairs):",
+                  "", "| module | fusednorm | torch.nn | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['module_forward_us']:.1f} | {r['torch_module_forward_us']:.1f} | "
+                  f"{r['torch_module_forward_ratio']:.2f} |" for r in modules]
     return "\n".join(lines) + "\n"
 
 

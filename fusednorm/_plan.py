@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,9 @@ class Plan(NamedTuple):
     # (None for what is not saved): itemgetters, built once per plan.
     pick_saved: Callable[[tuple], tuple]
     unpack_saved: Callable[[tuple], tuple]
+    # The backend module an eager forward on plain tensors calls directly (ops.forward's eager path, decided
+    # once here); None for traced calls, tensor subclasses and meta tensors: these go through fusednorm::fwd.
+    impl: ModuleType | None
 
 
 SAVED_ORDER = ("x", "residual", "h", "weight", "residual_scale", "mean", "rstd", "seed")  # see Plan.pick_saved
@@ -96,11 +100,12 @@ def checked(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropou
     saved = variant.saved  # at least two names (h or x, and rstd): the itemgetters return tuples
     pick_saved = operator.itemgetter(*(SAVED_ORDER.index(name) for name in saved))
     unpack_saved = operator.itemgetter(*(saved.index(name) if name in saved else -1 for name in SAVED_ORDER))
+    eager = not compiling and type(x) is Tensor and not x.is_meta and name in backends.BACKENDS
     return Plan(variant, name, eps, scale_value, dropout_p, weight_offset, saved,
                 bias.dtype if bias is not None else None, x.dtype, bool(direct),
                 variant.learned_scale, variant.dresidual_is_dx,
                 x.shape, x.dim() == 2, pick_saved,
-                unpack_saved)
+                unpack_saved, backends.implementation(name) if eager else None)
 
 
 def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,

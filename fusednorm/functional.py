@@ -110,7 +110,7 @@ def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, wei
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
     variant = plan.variant
     args = _forward_args(plan, x, residual, weight, bias, residual_scale)
-    out = ops.forward(variant, args, plan.backend)
+    out = ops.forward(variant, args, plan.backend, plan.impl)
     if variant.store_stats:
         sink = stats_sink.get()
         if sink is not None:
