@@ -106,7 +106,7 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
 
 
 def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None, residual_scale: ResidualScale):
+                  bias: Tensor | None, residual_scale: ResidualScale = None):
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
     variant = plan.variant
     args = _forward_args(plan, x, residual, weight, bias, residual_scale)
@@ -197,9 +197,7 @@ class _Norm(torch.autograd.Function):
     """The autograd Function of the public functions' eager calls: ``_Norm.apply(plan, x, residual, weight, bias,
     residual_scale)`` with the call's checked plan (no second lookup; few arguments: each costs in apply)."""
 
-    @staticmethod
-    def forward(ctx, plan, x, residual, weight, bias, residual_scale):
-        return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias, residual_scale): no extra frame
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -224,9 +222,7 @@ class _NormNoResidual(torch.autograd.Function):
 class _NormConstantScale(torch.autograd.Function):
     """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, residual, weight, bias)``."""
 
-    @staticmethod
-    def forward(ctx, plan, x, residual, weight, bias):
-        return _norm_forward(ctx, plan, x, residual, weight, bias, None)
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias): residual_scale None
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):

@@ -41,6 +41,16 @@ def autocast_norm_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _autocast_may_upcast(x: Tensor) -> bool:
+    """Whether ``autocast_norm_dtype(x)`` may differ from x's dtype: 16-bit x while the autocast of a device in
+    AUTOCAST_FP32_NORM_DEVICES is on. The modules' common call answers this without reading x's device."""
+    if x.dtype in _AUTOCAST_DTYPES:
+        for device_type in AUTOCAST_FP32_NORM_DEVICES:
+            if torch.is_autocast_enabled(device_type):
+                return True
+    return False
+
+
 def _flat(p: Tensor | None) -> Tensor | None:
     return p.reshape(-1) if p is not None else None
 
@@ -139,7 +149,7 @@ class LayerNorm(nn.LayerNorm):
         weight, bias = params.get("weight", _MISSING), params.get("bias", _MISSING)
         if weight is _MISSING or bias is _MISSING:
             weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
-        if type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape:
+        if type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x):
             # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
             return F._call(False, x, None, weight, bias, self.eps, None, 0.0, False, False, self.weight_offset, None)
         return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
@@ -171,7 +181,7 @@ class RMSNorm(nn.RMSNorm):
         weight = self._parameters.get("weight", _MISSING)
         if weight is _MISSING:
             weight = _parameter(self, "weight")
-        if (type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape
+        if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x)
                 and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
             return F._call(True, x, None, weight, None, self.eps, None, 0.0, False, False, self.weight_offset, None)
         return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
