@@ -5,21 +5,32 @@ On the CPU there is no fused kernel: the "torch" backend is a reference written 
 that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) calls
 ``call`` instead of the autograd Function, so a CPU model costs what torch.nn's own modules cost:
 
-- h = residual * s + dropout(x): ``x + residual`` (ATen rounds the float32 sum once to h's dtype, as the
-  backend does) when there is no scale, no dropout and no dtype change; otherwise ``_PreNormSum``, a small
-  autograd Function that computes h in float32 exactly as the backend does (the same products and sums, in
-  compiled code: ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual
-  (for a learned scale) and the dropout seed: its backward regenerates the mask and never stores one.
-- the norm: ``F.layer_norm`` (ATen's fused kernels, forward and backward) on h as stored, or ``_RMSNorm``
+- h = residual * s + dropout(x), without dropout: ``x + residual`` (ATen rounds the float32 sum once to h's
+  dtype, as the backend does); with a scale, ``torch.add(x, residual, alpha=s)`` / ``torch.addcmul(x, residual,
+  s)`` where ATen computes in float32 (the product fused into the sum: one float32 rounding less than the
+  backend's, so only where h is not returned) or exactly (16-bit x, residual and learned scale of one dtype: h is
+  the backend's bit for bit), and autograd differentiates them (ds included). Otherwise (dropout; a returned h
+  ATen would round differently; other dtype mixes) ``_PreNormSum``, a small autograd Function that computes h in
+  float32 exactly as the backend does (the same products and sums, in compiled code:
+  ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual (for a learned
+  scale) and the dropout seed: its backward regenerates the mask and never stores one.
+- the norm: ``torch.layer_norm`` (ATen's fused kernels, forward and backward) on h as stored, or ``_RMSNorm``
   (ATen's fused forward, the backend's backward); the affine parameters in h's dtype, or upcast to float32
-  (exact) where their dtype differs, ``weight + weight_offset`` summed in float32.
+  (exact) where their dtype differs, ``weight + weight_offset`` summed in float32. LayerNorm over 16-bit h gets
+  float32 parameters (a float32 ones weight where it has none) where a backward will run: ATen's mixed-dtype
+  kernel keeps float32 statistics for it (see ``_build``).
+
+Each call signature's decisions are taken once: ``specialize`` returns a function for one signature that runs
+only the ops; ``call`` looks it up per call.
 
 What differs from the Function path, within DESIGN section 6 (tests/test_correctness.py's "cpu-path" target):
 where the backend normalizes an h it does not store (a learned scale in the Post-LN layout, dropout without a
 residual), the direct path normalizes h rounded to x's dtype (16-bit x), as torch's composed ops do; the
 statistics are those of that h, and ATen's backward rebuilds xhat from it (DESIGN section 2). Autograd rounds
-16-bit gradients between ATen's ops (dh before dresidual = dh * s or the Pre-LN sum dh + dh_in), and ATen's
-LayerNorm backward forms xhat as h * rstd - mean * rstd. A returned h is the backend's bit for bit.
+16-bit gradients between ATen's ops (dh before dresidual = dh * s or the Pre-LN sum dh + dh_in; with a 16-bit
+learned scale, each dh * residual before ATen sums them into ds), and ATen's LayerNorm backward forms xhat as
+h * rstd - mean * rstd. ATen's scaled sums round r * s + x once in float32 where the backend rounds the product
+and the sum (Post-LN only). A returned h is the backend's bit for bit.
 
 ``usable`` decides, once per call signature (the plan cache of ``fusednorm.functional``), from facts that
 signature holds: dtypes, devices, shapes, the Variant, the backend. What it leaves to the Function path:
@@ -35,7 +46,7 @@ signature holds: dtypes, devices, shapes, the Variant, the backend. What it leav
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -101,73 +112,167 @@ def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | 
     """y, or (y, h) for a Pre-LN variant, in x's shape, differentiable by autograd (x, residual: (..., N) as
     the caller gave them; weight, bias: (N,); residual_scale: as given). y in x's dtype; h in
     ``variant.h_dtype(x.dtype)``; each gradient in its input's dtype. The affine weight is
-    (weight + weight_offset), summed in float32 (Gemma's (1 + w))."""
-    key = (variant, x.dtype, _dtype(residual), _dtype(weight), _dtype(bias), weight_offset != 0.0)
-    recipe = _RECIPES.get(key)
-    if recipe is None:
-        recipe = _RECIPES[key] = _recipe(*key)
-    sum_kind, h_dtype, p_dtype, ones_weight = recipe
-    grad = torch.is_grad_enabled()
-    if sum_kind == _H_IS_X:
-        h = x
-    elif sum_kind == _H_IS_X_PLUS_R:
-        h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
-    else:
-        # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout, dropout
-        # without a residual) and normalizes the float32 sum: the statistics are then those of the rounded h, from
-        # which ATen's backward rebuilds xhat (DESIGN section 2), as torch's composed ops compute it.
-        scale = residual_scale if variant.learned_scale else None
-        seed = draw_seed(x.device) if variant.has_dropout else None
-        if grad:
-            h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
-        else:  # inference: no autograd Function (its apply costs more than a small call's arithmetic)
-            h = _pre_norm_sum(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
-    if weight is not None and weight_offset != 0.0:
-        weight = weight.to(torch.float32) + weight_offset
-    if p_dtype is not None:
-        weight = weight.to(p_dtype) if weight is not None else None
-        bias = bias.to(p_dtype) if bias is not None else None
-    if variant.is_rms:
-        y = _RMSNorm.apply(h, weight, eps) if grad else _rms_forward(h, weight, eps)
-    else:
-        if ones_weight:  # ATen's mixed-dtype LayerNorm backward (16-bit h, float32 bias) needs a weight: xhat * 1
-            weight = torch.ones(h.shape[-1:], dtype=torch.float32)
-        y = torch.layer_norm(h, h.shape[-1:], weight, bias, eps)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return (y, h) if variant.prenorm else y
+    (weight + weight_offset), summed in float32 (Gemma's (1 + w)).
+
+    The same as ``specialize(...)(x, residual, weight, bias, residual_scale)``, with the specialized function
+    looked up per call here: a caller that keeps it (per call signature) saves that look-up."""
+    key = (variant, x.dtype, None if residual is None else residual.dtype, None if weight is None else weight.dtype,
+           None if bias is None else bias.dtype,
+           residual_scale.dtype if isinstance(residual_scale, Tensor) else None, eps, scale_value, dropout_p,
+           weight_offset)
+    run = _SPECIALIZED.get(key)
+    if run is None:
+        run = specialize(*key)
+    return run(x, residual, weight, bias, residual_scale)
 
 
-# How ``call`` computes a call, per (variant, x / residual / weight / bias dtypes, weight_offset != 0):
-# (how h is formed, h's dtype, the dtype the affine parameters are cast to or None, a ones weight for LayerNorm).
-_H_IS_X, _H_IS_X_PLUS_R, _H_FROM_PRE_NORM_SUM = range(3)
-_RECIPES: dict[tuple, tuple] = {}
+def specialize(variant: Variant, x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
+               weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None, scale_dtype: torch.dtype | None,
+               eps: float, scale_value: float, dropout_p: float, weight_offset: float = 0.0
+               ) -> Callable[[Tensor, Tensor | None, Tensor | None, Tensor | None, float | Tensor | None],
+                             Tensor | tuple[Tensor, Tensor]]:
+    """``call`` for one call signature, as a function ``run(x, residual, weight, bias, residual_scale)``
+    (the arguments as ``call`` takes them), with every decision that the signature fixes taken here, once:
+    per call it runs only the ops. The signature: the Variant, the dtypes of x / residual / weight / bias /
+    a tensor residual_scale (None where absent or a Python number), eps, scale_value, dropout_p and
+    weight_offset as ``call`` takes them; the shapes are not part of it. Valid for calls that ``usable``
+    accepts with those facts. Cached here (the same function for the same signature)."""
+    key = (variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, scale_dtype, eps, scale_value, dropout_p,
+           weight_offset)
+    run = _SPECIALIZED.get(key)
+    if run is None:
+        if len(_SPECIALIZED) >= _MAX_SPECIALIZED:
+            _SPECIALIZED.clear()
+        run = _SPECIALIZED[key] = _build(*key)
+    return run
 
 
-def _dtype(t) -> torch.dtype | None:
-    return t.dtype if isinstance(t, Tensor) else None
+_SPECIALIZED: dict[tuple, Callable] = {}
+_MAX_SPECIALIZED = 4096  # eps and the scale are keys: a bound for callers that vary them per call
+
+# How h is formed (``_build``): x itself; x + residual (ATen); torch.add(x, residual, alpha=s) (ATen); addcmul
+# with the learned scale, or with the constant scale as a float32 tensor (ATen); _PreNormSum (compiled).
+_H_IS_X, _H_ADD, _H_ADD_ALPHA, _H_ADDCMUL, _H_ADDCMUL_CONSTANT, _H_PRE_NORM_SUM = range(6)
+_F32 = torch.float32
 
 
-def _recipe(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, has_offset: bool) -> tuple:
+def _sum_recipe(variant: Variant, x_dtype, residual_dtype, scale_dtype) -> tuple[int, bool]:
+    """(how h is formed, whether a 0-d learned scale is viewed as (1,) for it). ATen's sums are taken where
+    they compute what the backend does: the float32 sum of float32 operands rounded once to h's dtype. That
+    is exact for x + residual. With a scale, ATen's float32 kernels fuse the product into the sum (one
+    rounding where the backend rounds twice: h differs by at most one float32 ulp before its rounding to h's
+    dtype, within DESIGN section 6), so they are taken only where h is not returned (Post-LN), except for 16-bit
+    x, residual and learned scale of one dtype: their product is exact in float32, and h is the backend's bit
+    for bit. 16-bit ATen sums with a Python scale round the scale to 16 bits first (torch.add's alpha): a
+    constant scale goes in as a float32 (1,) tensor instead, which makes ATen compute in float32."""
     h_dtype = variant.h_dtype(x_dtype)
     if not variant.has_residual and not variant.has_dropout and not variant.prenorm:
-        sum_kind = _H_IS_X
-    elif (variant.has_residual and variant.scale_kind == ScaleKind.NONE and not variant.has_dropout
-          and torch.promote_types(x_dtype, residual_dtype) == h_dtype):
-        sum_kind = _H_IS_X_PLUS_R
-    else:
-        sum_kind = _H_FROM_PRE_NORM_SUM
+        return _H_IS_X, False
+    if not variant.has_residual or variant.has_dropout:  # the mask: regenerated in _PreNormSum's backward
+        return _H_PRE_NORM_SUM, False
+    pair = torch.promote_types(x_dtype, residual_dtype)
+    if pair not in (_F32, h_dtype):  # e.g. a float32 h from 16-bit operands: ATen would round to 16 bits
+        return _H_PRE_NORM_SUM, False
+    if variant.scale_kind == ScaleKind.NONE:
+        return _H_ADD, False
+    if variant.scale_kind == ScaleKind.CONSTANT:
+        if variant.prenorm:
+            return _H_PRE_NORM_SUM, False
+        return (_H_ADD_ALPHA if pair == _F32 else _H_ADDCMUL_CONSTANT), False
+    if scale_dtype not in _FLOAT_16_32:
+        return _H_PRE_NORM_SUM, False
+    # A 0-d tensor takes no part in type promotion beside (M, N) tensors of its category: ATen would round a
+    # float32 0-d scale to 16-bit x's dtype. Viewed as (1,), it promotes the sum to float32.
+    view = variant.scale_kind == ScaleKind.SCALAR and torch.promote_types(pair, scale_dtype) != pair
+    computed = torch.promote_types(pair, scale_dtype)
+    exact = computed != _F32 and x_dtype == residual_dtype == scale_dtype == h_dtype
+    if exact or (computed == _F32 and not variant.prenorm):
+        return _H_ADDCMUL, view
+    return _H_PRE_NORM_SUM, False
+
+
+def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, scale_dtype, eps: float,
+           scale_value: float, dropout_p: float, weight_offset: float) -> Callable:
+    """``specialize``'s function (see there), built from the signature's decisions."""
+    h_dtype = variant.h_dtype(x_dtype)
+    sum_kind, view_scale = _sum_recipe(variant, x_dtype, residual_dtype, scale_dtype)
+    learned, has_dropout, prenorm, is_rms = variant.learned_scale, variant.has_dropout, variant.prenorm, variant.is_rms
+    constant = torch.full((1,), scale_value, dtype=_F32) if sum_kind == _H_ADDCMUL_CONSTANT else None
+    has_offset = weight_offset != 0.0
     # The affine parameters in h's dtype when they all have it, else in float32 (exact for 16-bit parameters:
     # the backend computes in float32); weight + weight_offset is summed in float32.
-    # LayerNorm over 16-bit h: float32 parameters take ATen's mixed-dtype kernel, which keeps float32 mean/rstd
-    # (its 16-bit kernel rounds them to 16 bits) at the same speed.
     params = [d for d in (weight_dtype, bias_dtype) if d is not None]
     same = all(d == h_dtype for d in params) and not has_offset
-    p_dtype = None if same and (variant.is_rms or h_dtype in (torch.float32, torch.float64)) else torch.float32
-    if not params:
-        p_dtype = None
-    ones_weight = not variant.is_rms and weight_dtype is None and p_dtype is not None and h_dtype != p_dtype
-    return sum_kind, h_dtype, p_dtype, ones_weight
+    p_dtype = None if same and (is_rms or h_dtype == _F32) else _F32
+    # LayerNorm over 16-bit h: float32 parameters where a backward will run, so that ATen takes its mixed-dtype
+    # kernel, which keeps float32 mean/rstd for its backward (a float32 ones weight where there is none). Its
+    # 16-bit kernel rounds them to 16 bits: for a row far from 0 whose mean falls between two 16-bit values, that
+    # moves xhat by up to rstd * |mean| * 2^-9 (dweight off by ~100% for a row of 1000s and 1004s, dx beyond
+    # section 6 without parameters: tests/test_cpu_path.py). Without a backward, parameters of h's dtype go in as
+    # given: y is the same bit for bit (both kernels compute y in float32 from float32 statistics), without the
+    # casts. Other dtype mixes are cast on every call (ATen takes the parameters in one dtype).
+    cast_only_for_backward = p_dtype is not None and same
+    ones_weight = not is_rms and weight_dtype is None and p_dtype is not None and h_dtype != _F32
+    ones_by_width: dict[int, Tensor] = {}  # read by ATen, never written; nothing asks for their gradient
+    # RMSNorm: ATen's fused kernel over 16-bit h with a weight of h's dtype computes in float32 and rounds y once,
+    # as over the float32 h (tests/test_cpu_path.py); other dtype mixes go in as float32.
+    rms_in_f32 = is_rms and h_dtype != _F32 and p_dtype is not None
+    seed_of = draw_seed
+    layer_norm, grad_enabled = torch.layer_norm, torch.is_grad_enabled
+
+    def run(x, residual, weight, bias, residual_scale):
+        grad = grad_enabled()
+        if sum_kind == _H_IS_X:
+            h = x
+        elif sum_kind == _H_ADD:
+            h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
+            if h.dtype != h_dtype:
+                h = h.to(h_dtype)
+        elif sum_kind == _H_ADDCMUL:
+            h = torch.addcmul(x, residual, residual_scale.view(1) if view_scale else residual_scale)
+            if h.dtype != h_dtype:
+                h = h.to(h_dtype)
+        elif sum_kind == _H_ADD_ALPHA:
+            h = torch.add(x, residual, alpha=scale_value)
+            if h.dtype != h_dtype:
+                h = h.to(h_dtype)
+        elif sum_kind == _H_ADDCMUL_CONSTANT:
+            h = torch.addcmul(x, residual, constant).to(h_dtype)
+        else:
+            # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout,
+            # dropout without a residual) and normalizes the float32 sum: the statistics are then those of the
+            # rounded h, from which ATen's backward rebuilds xhat (DESIGN section 2), as torch's composed ops do.
+            scale = residual_scale if learned else None
+            seed = seed_of(x.device) if has_dropout else None
+            if grad:
+                h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+            else:  # inference: no autograd Function (its apply costs more than a small call's arithmetic)
+                h = _pre_norm_sum(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+        if has_offset and weight is not None:
+            weight = weight.to(_F32) + weight_offset
+        if p_dtype is not None and not (cast_only_for_backward and not (
+                grad and (h.requires_grad or weight is not None and weight.requires_grad
+                          or bias is not None and bias.requires_grad))):
+            if weight is not None:
+                weight = weight.to(p_dtype)
+            if bias is not None:
+                bias = bias.to(p_dtype)
+            if ones_weight:
+                weight = ones_by_width.get(h.shape[-1])
+                if weight is None:
+                    weight = ones_by_width[h.shape[-1]] = torch.ones(h.shape[-1:], dtype=_F32)
+        if is_rms:
+            if grad:
+                y = _RMSNorm.apply(h, weight, eps, rms_in_f32)
+            else:
+                y = _rms_forward(h, weight, eps, rms_in_f32)
+        else:
+            y = layer_norm(h, h.shape[-1:], weight, bias, eps)
+        if y.dtype != x_dtype:
+            y = y.to(x_dtype)
+        return (y, h) if prenorm else y
+
+    return run
 
 
 class _PreNormSum(torch.autograd.Function):
@@ -306,15 +411,16 @@ def _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype) -> 
 
 
 class _RMSNorm(torch.autograd.Function):
-    """RMSNorm with the torch backend's arithmetic: ATen's fused CPU forward (aten._fused_rms_norm) in the
-    compute dtype, and the backend's backward (ATen has no fused RMSNorm backward on the CPU; its composite
-    one, through rsqrt's derivative rstd^3, overflows float32 for eps below ~1e-26 and gives NaN for a row of
-    zeros: tests/test_host_scalars.py). Saves h as given (the stored h, or the float32 h), the weight and
-    the (M, 1) rstd. Not twice differentiable: double backward raises fusednorm's error, as the Function path."""
+    """RMSNorm with the torch backend's arithmetic: ATen's fused CPU forward (aten._fused_rms_norm) in float32
+    (see ``_rms_forward``), and the backend's backward (ATen has no fused RMSNorm backward on the CPU; its
+    composite one, through rsqrt's derivative rstd^3, overflows float32 for eps below ~1e-26 and gives NaN for a
+    row of zeros: tests/test_host_scalars.py). Saves h as given (the stored h, or the float32 h), the weight and
+    the (M, 1) float32 rstd. Not twice differentiable: double backward raises fusednorm's error, as the Function
+    path."""
 
     @staticmethod
-    def forward(ctx, h, weight, eps):
-        y, rstd = _rms_forward(h, weight, eps, with_rstd=True)
+    def forward(ctx, h, weight, eps, in_f32):
+        y, rstd = _rms_forward(h, weight, eps, in_f32, with_rstd=True)
         ctx.save_for_backward(h, weight, rstd)
         return y
 
@@ -325,22 +431,26 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def _gradients(ctx, dy):
         h, weight, rstd = ctx.saved_tensors
-        cd = compute_dtype(h.dtype)
-        dyf = dy.to(cd)
-        xhat = h.to(cd) * rstd
-        g = dyf * weight.to(cd) if weight is not None else dyf
+        # 16-bit tensors to float32 (exact); float32 ones as they are (a no-op .to still costs ~1 us at 4x64)
+        dyf = dy if dy.dtype == _F32 else dy.to(_F32)
+        xhat = (h if h.dtype == _F32 else h.to(_F32)) * rstd
+        g = dyf if weight is None else dyf * (weight if weight.dtype == _F32 else weight.to(_F32))
         dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
             dweight = (dyf * xhat).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
-        return dh.to(h.dtype), dweight, None
+        return dh.to(h.dtype), dweight, None, None
 
 
-def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, with_rstd: bool = False):
-    """y (and the (..., 1) rstd) of RMSNorm by ATen's fused CPU kernel in the compute dtype, as the backend."""
-    cd = compute_dtype(h.dtype)
-    w = weight.to(cd) if weight is not None else None
-    y, rstd = _FUSED_RMS_NORM(h.to(cd), [h.shape[-1]], w, eps)
+def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, in_f32: bool, with_rstd: bool = False):
+    """y (and the (..., 1) float32 rstd) of RMSNorm by ATen's fused CPU kernel, in float32 as the backend. Over
+    16-bit h with a weight of h's dtype (or none), the kernel computes in float32 itself and rounds y once to
+    h's dtype, bit for bit what it gives over the float32 h (tests/test_cpu_path.py); ``in_f32``: h and the
+    weight go in as float32 (other dtype mixes), y comes out in float32."""
+    if in_f32:
+        h = h.to(_F32)
+        weight = weight.to(_F32) if weight is not None else None
+    y, rstd = _FUSED_RMS_NORM(h, [h.shape[-1]], weight, eps)
     return (y, rstd) if with_rstd else y
 
 
