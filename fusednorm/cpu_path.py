@@ -227,17 +227,17 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
         elif sum_kind == _H_ADD:
             h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
             if h.dtype != h_dtype:
-                h = h.to(h_dtype)
+                h = h.to(dtype=h_dtype)
         elif sum_kind == _H_ADDCMUL:
             h = torch.addcmul(x, residual, residual_scale.view(1) if view_scale else residual_scale)
             if h.dtype != h_dtype:
-                h = h.to(h_dtype)
+                h = h.to(dtype=h_dtype)
         elif sum_kind == _H_ADD_ALPHA:
             h = torch.add(x, residual, alpha=scale_value)
             if h.dtype != h_dtype:
-                h = h.to(h_dtype)
+                h = h.to(dtype=h_dtype)
         elif sum_kind == _H_ADDCMUL_CONSTANT:
-            h = torch.addcmul(x, residual, constant).to(h_dtype)
+            h = torch.addcmul(x, residual, constant).to(dtype=h_dtype)
         else:
             # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout,
             # dropout without a residual) and normalizes the float32 sum: the statistics are then those of the
@@ -249,27 +249,27 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
             else:  # inference: no autograd Function (its apply costs more than a small call's arithmetic)
                 h = _pre_norm_sum(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
         if has_offset and weight is not None:
-            weight = weight.to(_F32) + weight_offset
+            weight = weight.float() + weight_offset
         if p_dtype is not None and not (cast_only_for_backward and not (
                 grad and (h.requires_grad or weight is not None and weight.requires_grad
                           or bias is not None and bias.requires_grad))):
             if weight is not None:
-                weight = weight.to(p_dtype)
+                weight = weight.float()
             if bias is not None:
-                bias = bias.to(p_dtype)
+                bias = bias.float()
             if ones_weight:
                 weight = ones_by_width.get(h.shape[-1])
                 if weight is None:
-                    weight = ones_by_width[h.shape[-1]] = torch.ones(h.shape[-1:], dtype=_F32)
+                    weight = ones_by_width[h.shape[-1]] = torch.ones(h.shape[-1], dtype=_F32)
         if is_rms:
             if grad:
                 y = _RMSNorm.apply(h, weight, eps, rms_in_f32)
             else:
                 y = _rms_forward(h, weight, eps, rms_in_f32)
         else:
-            y = layer_norm(h, h.shape[-1:], weight, bias, eps)
+            y = layer_norm(h, (h.shape[-1],), weight, bias, eps)
         if y.dtype != x_dtype:
-            y = y.to(x_dtype)
+            y = y.to(dtype=x_dtype)
         return (y, h) if prenorm else y
 
     return run
@@ -308,7 +308,7 @@ class _PreNormSum(torch.autograd.Function):
                 keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
                 # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
                 dx = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=dh.dtype))
-        dx = (dh if dx is None else dx).to(x_dtype)
+        dx = (dh if dx is None else dx).to(dtype=x_dtype)
         if dresidual is not None:
             return dx, dresidual, None, None, None, None, None
         if scale is not None and ctx.needs_input_grad[2]:
@@ -432,14 +432,14 @@ class _RMSNorm(torch.autograd.Function):
     def _gradients(ctx, dy):
         h, weight, rstd = ctx.saved_tensors
         # 16-bit tensors to float32 (exact); float32 ones as they are (a no-op .to still costs ~1 us at 4x64)
-        dyf = dy if dy.dtype == _F32 else dy.to(_F32)
-        xhat = (h if h.dtype == _F32 else h.to(_F32)) * rstd
-        g = dyf if weight is None else dyf * (weight if weight.dtype == _F32 else weight.to(_F32))
+        dyf = dy if dy.dtype == _F32 else dy.float()
+        xhat = (h if h.dtype == _F32 else h.float()) * rstd
+        g = dyf if weight is None else dyf * (weight if weight.dtype == _F32 else weight.float())
         dh = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
         dweight = None
         if weight is not None and ctx.needs_input_grad[1]:
-            dweight = (dyf * xhat).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
-        return dh.to(h.dtype), dweight, None, None
+            dweight = (dyf * xhat).reshape(-1, h.shape[-1]).sum(0).to(dtype=weight.dtype)
+        return dh.to(dtype=h.dtype), dweight, None, None
 
 
 def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, in_f32: bool, with_rstd: bool = False):
@@ -448,8 +448,8 @@ def _rms_forward(h: Tensor, weight: Tensor | None, eps: float, in_f32: bool, wit
     h's dtype, bit for bit what it gives over the float32 h (tests/test_cpu_path.py); ``in_f32``: h and the
     weight go in as float32 (other dtype mixes), y comes out in float32."""
     if in_f32:
-        h = h.to(_F32)
-        weight = weight.to(_F32) if weight is not None else None
+        h = h.float()
+        weight = weight.float() if weight is not None else None
     y, rstd = _FUSED_RMS_NORM(h, [h.shape[-1]], weight, eps)
     return (y, rstd) if with_rstd else y
 
