@@ -308,7 +308,10 @@ class _PreNormSum(torch.autograd.Function):
                 keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
                 # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
                 dx = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=dh.dtype))
-        dx = (dh if dx is None else dx).to(dtype=x_dtype)
+        if dx is None:
+            dx = dh
+        if dx.dtype != x_dtype:
+            dx = dx.to(dtype=x_dtype)
         if dresidual is not None:
             return dx, dresidual, None, None, None, None, None
         if scale is not None and ctx.needs_input_grad[2]:
@@ -346,13 +349,13 @@ def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) 
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
     scale_f32 = scale.to(torch.float32).contiguous() if scale is not None else None
-    h = torch.empty(x.shape, dtype=out_dtype)
+    h = torch.empty_like(x, dtype=out_dtype)  # x is contiguous: so is h (empty_like costs half of empty)
     cols = x.shape[-1]
     module.pre_norm_sum(
         x.data_ptr(), codes[0], residual.data_ptr() if residual is not None else 0,
         codes[1] if residual is not None else 0, scale_f32.data_ptr() if scale_f32 is not None else 0,
         scale_f32.numel() if scale_f32 is not None else 0, float(scale_value),
-        int(seed.reshape(())) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
+        int(seed) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
         1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
     return h
 
@@ -367,9 +370,9 @@ def _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype, scale_value
         return None
     dh = dh.contiguous()
     cols = dh.shape[-1]
-    dx = torch.empty(dh.shape, dtype=x_dtype)
-    dresidual = torch.empty(dh.shape, dtype=residual_dtype) if residual_dtype is not None else None
-    module.dropout_backward(dh.data_ptr(), codes[0], int(seed.reshape(())), dropout_module.keep_threshold(p),
+    dx = torch.empty_like(dh, dtype=x_dtype)  # dh is contiguous: so are dx and dresidual
+    dresidual = torch.empty_like(dh, dtype=residual_dtype) if residual_dtype is not None else None
+    module.dropout_backward(dh.data_ptr(), codes[0], int(seed), dropout_module.keep_threshold(p),
                             1.0 / (1.0 - p), dh.numel() // cols, cols, dx.data_ptr(), codes[1],
                             dresidual.data_ptr() if dresidual is not None else 0, codes[2], float(scale_value))
     return dx, dresidual
@@ -385,7 +388,7 @@ def _scale_backward_compiled(dh, residual, scale, wants_dresidual: bool) -> tupl
     dh, residual = dh.contiguous(), residual.contiguous()
     scale_f32 = scale.to(torch.float32).contiguous()
     cols = dh.shape[-1]
-    dresidual = torch.empty(residual.shape, dtype=residual.dtype) if wants_dresidual else None
+    dresidual = torch.empty_like(residual) if wants_dresidual else None
     per_column = torch.zeros(cols, dtype=torch.float32)
     module.scale_backward(dh.data_ptr(), codes[0], residual.data_ptr(), codes[1], scale_f32.data_ptr(),
                           scale_f32.numel(), dh.numel() // cols, cols,
@@ -461,6 +464,8 @@ _FUSED_RMS_NORM = getattr(torch, "_fused_rms_norm", torch.ops.aten._fused_rms_no
 def _first_order(gradients, ctx, grad_output: Tensor) -> tuple:
     """The backward of this module's Functions: ``gradients(ctx, grad_output)`` computed without recording
     a graph, then marked so that a double backward raises fusednorm's clear error."""
+    if not torch.is_grad_enabled():  # the usual backward (no create_graph): nothing records, nothing to mark
+        return gradients(ctx, grad_output)
     with torch.no_grad():
         grads = gradients(ctx, grad_output)
     return _not_differentiable_again(grads)
