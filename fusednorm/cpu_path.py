@@ -7,13 +7,13 @@ that ATen's composed ops compute with the same roundings, the eager layer (``fus
 
 - h = residual * s + dropout(x), without dropout: ``x + residual`` (ATen rounds the float32 sum once to h's
   dtype, as the backend does); with a scale, ``torch.add(x, residual, alpha=s)`` / ``torch.addcmul(x, residual,
-  s)`` where ATen computes in float32 (the product fused into the sum: one float32 rounding less than the
-  backend's, so only where h is not returned) or exactly (16-bit x, residual and learned scale of one dtype: h is
-  the backend's bit for bit), and autograd differentiates them (ds included). Otherwise (dropout; a returned h
-  ATen would round differently; other dtype mixes) ``_PreNormSum``, a small autograd Function that computes h in
-  float32 exactly as the backend does (the same products and sums, in compiled code:
-  ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual (for a learned
-  scale) and the dropout seed: its backward regenerates the mask and never stores one.
+  s)`` for float32 x and residual where h is not returned (ATen fuses the product into the sum: one float32
+  rounding less than the backend's) and for 16-bit x, residual and learned scale of one dtype (exact: h is the
+  backend's bit for bit), differentiated by autograd (ds included): see ``_sum_recipe``. Otherwise (dropout; a
+  16-bit x with a constant or float32 scale; a returned float32 h; dtype mixes) ``_PreNormSum``, a small
+  autograd Function that computes h in float32 exactly as the backend does (the same products and sums, in
+  compiled code: ``fusednorm._philox_cpu.pre_norm_sum``) rounded once to h's dtype, and saves only the residual
+  (for a learned scale) and the dropout seed: its backward regenerates the mask and never stores one.
 - the norm: ``torch.layer_norm`` (ATen's fused kernels, forward and backward) on h as stored, or ``_RMSNorm``
   (ATen's fused forward, the backend's backward); the affine parameters in h's dtype, or upcast to float32
   (exact) where their dtype differs, ``weight + weight_offset`` summed in float32. LayerNorm over 16-bit h gets
@@ -150,54 +150,42 @@ def specialize(variant: Variant, x_dtype: torch.dtype, residual_dtype: torch.dty
 _SPECIALIZED: dict[tuple, Callable] = {}
 _MAX_SPECIALIZED = 4096  # eps and the scale are keys: a bound for callers that vary them per call
 
-# How h is formed (``_build``): x itself; x + residual (ATen); torch.add(x, residual, alpha=s) (ATen); addcmul
-# with the learned scale, or with the constant scale as a float32 tensor (ATen); _PreNormSum (compiled).
-_H_IS_X, _H_ADD, _H_ADD_ALPHA, _H_ADDCMUL, _H_ADDCMUL_CONSTANT, _H_PRE_NORM_SUM = range(6)
+# How h is formed (``_build``): x itself; x + residual, torch.add(x, residual, alpha=s), torch.addcmul(x, residual, s)
+# (ATen's, differentiated by autograd); _PreNormSum (compiled, the mask regenerated in its backward).
+_H_IS_X, _H_ADD, _H_ADD_ALPHA, _H_ADDCMUL, _H_PRE_NORM_SUM = range(5)
 _F32 = torch.float32
 
 
-def _sum_recipe(variant: Variant, x_dtype, residual_dtype, scale_dtype) -> tuple[int, bool]:
-    """(how h is formed, whether a 0-d learned scale is viewed as (1,) for it). ATen's sums are taken where
-    they compute what the backend does: the float32 sum of float32 operands rounded once to h's dtype. That
-    is exact for x + residual. With a scale, ATen's float32 kernels fuse the product into the sum (one
-    rounding where the backend rounds twice: h differs by at most one float32 ulp before its rounding to h's
-    dtype, within DESIGN section 6), so they are taken only where h is not returned (Post-LN), except for 16-bit
-    x, residual and learned scale of one dtype: their product is exact in float32, and h is the backend's bit
-    for bit. 16-bit ATen sums with a Python scale round the scale to 16 bits first (torch.add's alpha): a
-    constant scale goes in as a float32 (1,) tensor instead, which makes ATen compute in float32."""
+def _sum_recipe(variant: Variant, x_dtype, residual_dtype, scale_dtype) -> int:
+    """How h is formed. ATen's sums are taken where they compute what the backend does, the float32 sum of
+    float32 operands rounded once to h's dtype, with no dtype mix: x + residual, exact; with a scale, ATen's
+    float32 kernels fuse the product into the sum (one rounding where the backend rounds twice: h differs by at
+    most one float32 ulp, within DESIGN section 6), taken for float32 x and residual where h is not returned
+    (Post-LN); 16-bit x, residual and learned scale of one dtype: their product is exact in float32, and h is the
+    backend's bit for bit. Left to _PreNormSum: 16-bit x with a constant scale (ATen's 16-bit add rounds alpha to
+    16 bits; its float32 addcmul with a (1,) float32 scale costs 2x ATen's time and 2.5x its memory in training at
+    512x1024, through float32 temporaries and casts), and dtype mixes (float32 temporaries likewise)."""
     h_dtype = variant.h_dtype(x_dtype)
     if not variant.has_residual and not variant.has_dropout and not variant.prenorm:
-        return _H_IS_X, False
+        return _H_IS_X
     if not variant.has_residual or variant.has_dropout:  # the mask: regenerated in _PreNormSum's backward
-        return _H_PRE_NORM_SUM, False
-    pair = torch.promote_types(x_dtype, residual_dtype)
-    if pair not in (_F32, h_dtype):  # e.g. a float32 h from 16-bit operands: ATen would round to 16 bits
-        return _H_PRE_NORM_SUM, False
+        return _H_PRE_NORM_SUM
     if variant.scale_kind == ScaleKind.NONE:
-        return _H_ADD, False
+        return _H_ADD if torch.promote_types(x_dtype, residual_dtype) == h_dtype else _H_PRE_NORM_SUM
+    all_f32 = x_dtype == residual_dtype == h_dtype == _F32 and not variant.prenorm
     if variant.scale_kind == ScaleKind.CONSTANT:
-        if variant.prenorm:
-            return _H_PRE_NORM_SUM, False
-        return (_H_ADD_ALPHA if pair == _F32 else _H_ADDCMUL_CONSTANT), False
-    if scale_dtype not in _FLOAT_16_32:
-        return _H_PRE_NORM_SUM, False
-    # A 0-d tensor takes no part in type promotion beside (M, N) tensors of its category: ATen would round a
-    # float32 0-d scale to 16-bit x's dtype. Viewed as (1,), it promotes the sum to float32.
-    view = variant.scale_kind == ScaleKind.SCALAR and torch.promote_types(pair, scale_dtype) != pair
-    computed = torch.promote_types(pair, scale_dtype)
-    exact = computed != _F32 and x_dtype == residual_dtype == scale_dtype == h_dtype
-    if exact or (computed == _F32 and not variant.prenorm):
-        return _H_ADDCMUL, view
-    return _H_PRE_NORM_SUM, False
+        return _H_ADD_ALPHA if all_f32 else _H_PRE_NORM_SUM
+    if (all_f32 and scale_dtype in _FLOAT_16_32) or x_dtype == residual_dtype == scale_dtype == h_dtype != _F32:
+        return _H_ADDCMUL  # float32 x and residual: a 16-bit scale is promoted exactly
+    return _H_PRE_NORM_SUM
 
 
 def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, scale_dtype, eps: float,
            scale_value: float, dropout_p: float, weight_offset: float) -> Callable:
     """``specialize``'s function (see there), built from the signature's decisions."""
     h_dtype = variant.h_dtype(x_dtype)
-    sum_kind, view_scale = _sum_recipe(variant, x_dtype, residual_dtype, scale_dtype)
+    sum_kind = _sum_recipe(variant, x_dtype, residual_dtype, scale_dtype)
     learned, has_dropout, prenorm, is_rms = variant.learned_scale, variant.has_dropout, variant.prenorm, variant.is_rms
-    constant = torch.full((1,), scale_value, dtype=_F32) if sum_kind == _H_ADDCMUL_CONSTANT else None
     has_offset = weight_offset != 0.0
     # The affine parameters in h's dtype when they all have it, else in float32 (exact for 16-bit parameters:
     # the backend computes in float32); weight + weight_offset is summed in float32.
@@ -226,18 +214,10 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
             h = x
         elif sum_kind == _H_ADD:
             h = x + residual  # the float32 sum rounded once to h's dtype, as the backend does
-            if h.dtype != h_dtype:
-                h = h.to(dtype=h_dtype)
         elif sum_kind == _H_ADDCMUL:
-            h = torch.addcmul(x, residual, residual_scale.view(1) if view_scale else residual_scale)
-            if h.dtype != h_dtype:
-                h = h.to(dtype=h_dtype)
+            h = torch.addcmul(x, residual, residual_scale)
         elif sum_kind == _H_ADD_ALPHA:
             h = torch.add(x, residual, alpha=scale_value)
-            if h.dtype != h_dtype:
-                h = h.to(dtype=h_dtype)
-        elif sum_kind == _H_ADDCMUL_CONSTANT:
-            h = torch.addcmul(x, residual, constant).to(dtype=h_dtype)
         else:
             # h in its dtype, also where the backend does not store it (a learned scale in the Post-LN layout,
             # dropout without a residual) and normalizes the float32 sum: the statistics are then those of the

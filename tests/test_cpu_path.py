@@ -287,8 +287,8 @@ def _sum_op(out) -> str:
 @pytest.mark.parametrize("variant", _SCALED, ids=[v.name for v in _SCALED])
 def test_a_scaled_residual_without_dropout_on_atens_sums_meets_section_6(variant, dtype, param_dtype):
     """Constant and learned (0-d, (N,)) scales without dropout: h by torch.add(alpha) / torch.addcmul where
-    they compute in float32 (or exactly), the gradients (ds included, in the scale's dtype) by autograd; every
-    output and gradient against the float64 reference (DESIGN section 6), at N = 7 and 64."""
+    ``cpu_path._sum_recipe`` takes them, the gradients (ds included, in the scale's dtype) by autograd, else by
+    _PreNormSum; every output and gradient against the float64 reference (DESIGN section 6), at N = 7 and 64."""
     if not case_matrix.realizable(variant, dtype):
         pytest.skip("no such call at this dtype")
     for n in (7, 64):
@@ -297,14 +297,15 @@ def test_a_scaled_residual_without_dropout_on_atens_sums_meets_section_6(variant
 
 
 def test_which_scaled_sums_take_atens_ops():
-    """Post-LN: ATen's sum (one float32 rounding less than the backend's, h not returned); Pre-LN only where
-    ATen's sum is the backend's bit for bit (16-bit x, residual and learned scale of one dtype); a 0-d float32
-    scale beside 16-bit x is viewed as (1,) (else ATen rounds it to 16 bits)."""
+    """ATen's sums for float32 x and residual where h is not returned (one float32 rounding less than the
+    backend's), and for 16-bit x, residual and learned scale of one dtype (the backend's h bit for bit, also
+    returned); _PreNormSum for the rest (a 16-bit x with a constant or float32 scale, a returned float32 h)."""
     gen = torch.Generator().manual_seed(3)
     expected = [  # (x dtype, scale: "constant" / 0-d / (N,) and its dtype, prenorm, the node that forms h)
-        (F32, "constant", None, False, "AddBackward0"), (BF16, "constant", None, False, "AddcmulBackward0"),
+        (F32, "constant", None, False, "AddBackward0"), (BF16, "constant", None, False, "_PreNormSumBackward"),
         (F32, "constant", None, True, "_PreNormSumBackward"), (F32, (), F32, False, "AddcmulBackward0"),
-        (BF16, (), F32, False, "AddcmulBackward0"), (BF16, (8,), F32, False, "AddcmulBackward0"),
+        (F32, (8,), BF16, False, "AddcmulBackward0"), (F32, (), BF16, False, "AddcmulBackward0"),
+        (BF16, (), F32, False, "_PreNormSumBackward"), (BF16, (8,), F32, False, "_PreNormSumBackward"),
         (BF16, (8,), BF16, True, "AddcmulBackward0"), (BF16, (), BF16, True, "AddcmulBackward0"),
         (F32, (8,), F32, True, "_PreNormSumBackward"), (BF16, (8,), F32, True, "_PreNormSumBackward"),
     ]
@@ -369,3 +370,19 @@ def test_specialize_is_call_for_one_signature():
     run = cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
     assert run is cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
     assert torch.equal(run(x, r, w, b, None), cpu_path.call(variant, x, r, w, b, None, 1e-5, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_a_16bit_constant_scale_without_grad(dtype):
+    """Inference with a constant scale over 16-bit x: _PreNormSum's sum without the Function (compiled for
+    bfloat16: the backend's h bit for bit; torch ops for float16); y as in training."""
+    gen = torch.Generator().manual_seed(11)
+    x, r = (torch.randn(6, 40, generator=gen).to(dtype) for _ in range(2))
+    w, b = torch.randn(40, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype)
+    with torch.no_grad():
+        y = fusednorm.add_layer_norm(x, r, w, b, residual_scale=0.7071067811865476)
+    y_train = fusednorm.add_layer_norm(x.requires_grad_(), r, w, b, residual_scale=0.7071067811865476)
+    torch.testing.assert_close(y, y_train.detach(), rtol=1e-2, atol=3e-2)
+    if dtype == BF16 and dropout._philox_cpu is not None:
+        h = cpu_path._pre_norm_sum_torch(x.detach(), r, None, None, 0.0, 0.7071067811865476, dtype)
+        assert torch.equal(y, torch.layer_norm(h, (40,), w, b, 1e-5))
