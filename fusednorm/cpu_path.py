@@ -276,8 +276,9 @@ class _PreNormSum(torch.autograd.Function):
     def _gradients(ctx, dh):
         residual, scale, seed = ctx.saved_tensors
         p, scale_value, x_dtype, residual_dtype = ctx.facts
+        needs = ctx.needs_input_grad
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
-        wants_dresidual = residual_dtype is not None and ctx.needs_input_grad[1]
+        wants_dresidual = residual_dtype is not None and needs[1]
         dx = dresidual = dscale = None
         if seed is not None:
             compiled = _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype if wants_dresidual and
@@ -294,18 +295,18 @@ class _PreNormSum(torch.autograd.Function):
             dx = dx.to(dtype=x_dtype)
         if dresidual is not None:
             return dx, dresidual, None, None, None, None, None
-        if scale is not None and ctx.needs_input_grad[2]:
-            compiled = _scale_backward_compiled(dh, residual, scale, ctx.needs_input_grad[1])
+        if scale is not None and needs[2]:
+            compiled = _scale_backward_compiled(dh, residual, scale, needs[1])
             if compiled is not None:
                 return dx, compiled[0], compiled[1], None, None, None, None
-        if residual_dtype is not None and ctx.needs_input_grad[1]:
+        if wants_dresidual:
             if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
                 dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
             elif scale is not None:
-                dresidual = (dh * scale.to(compute_dtype(dh.dtype))).to(residual_dtype)
+                dresidual = (dh * scale.to(dtype=compute_dtype(dh.dtype))).to(dtype=residual_dtype)
             else:
-                dresidual = (dh * scale_value if scale_value != 1.0 else dh).to(residual_dtype)
-        if scale is not None and ctx.needs_input_grad[2]:
+                dresidual = (dh * scale_value if scale_value != 1.0 else dh).to(dtype=residual_dtype)
+        if scale is not None and needs[2]:
             cd = compute_dtype(x_dtype)
             per_column = (dh.to(cd) * residual.to(cd)).reshape(-1, dh.shape[-1]).sum(0)
             dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
