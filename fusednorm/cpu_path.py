@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -185,6 +186,7 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
     """``specialize``'s function (see there), built from the signature's decisions."""
     h_dtype = variant.h_dtype(x_dtype)
     sum_kind = _sum_recipe(variant, x_dtype, residual_dtype, scale_dtype)
+    sum_spec = _sum_spec(x_dtype, residual_dtype, dropout_p, scale_value, h_dtype)
     learned, has_dropout, prenorm, is_rms = variant.learned_scale, variant.has_dropout, variant.prenorm, variant.is_rms
     has_offset = weight_offset != 0.0
     # The affine parameters in h's dtype when they all have it, else in float32 (exact for 16-bit parameters:
@@ -225,9 +227,9 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
             scale = residual_scale if learned else None
             seed = seed_of(x.device) if has_dropout else None
             if grad:
-                h = _PreNormSum.apply(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+                h = _PreNormSum.apply(x, residual, scale, seed, sum_spec)
             else:  # inference: no autograd Function (its apply costs more than a small call's arithmetic)
-                h = _pre_norm_sum(x, residual, scale, seed, dropout_p, scale_value, h_dtype)
+                h = _pre_norm_sum(x, residual, scale, seed, sum_spec)
         if has_offset and weight is not None:
             weight = weight.float() + weight_offset
         if p_dtype is not None and not (cast_only_for_backward and not (
@@ -255,17 +257,40 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
     return run
 
 
+class _SumSpec(NamedTuple):
+    """What ``_PreNormSum`` needs of a call signature, computed once (``_sum_spec``): one argument of its apply
+    (each argument costs there) and plain values in its backward."""
+
+    p: float  # dropout probability, 0 without dropout
+    scale_value: float
+    out_dtype: torch.dtype  # h's
+    x_dtype: torch.dtype
+    residual_dtype: torch.dtype | None
+    codes: tuple[int, int, int] | None  # x / residual (0 where absent) / h dtype codes of csrc/cpu/philox.c; None:
+    # a dtype the compiled code does not take (float16)
+    threshold: int  # dropout.keep_threshold(p)
+    inv_keep: float  # 1 / (1 - p)
+
+
+def _sum_spec(x_dtype, residual_dtype, p: float, scale_value: float, out_dtype) -> _SumSpec:
+    codes = (_DTYPE_CODES.get(x_dtype), _DTYPE_CODES.get(residual_dtype, 0 if residual_dtype is None else None),
+             _DTYPE_CODES.get(out_dtype))
+    return _SumSpec(p, float(scale_value), out_dtype, x_dtype, residual_dtype, None if None in codes else codes,
+                    dropout_module.keep_threshold(p) if p else 0, 1.0 / (1.0 - p) if p else 0.0)
+
+
 class _PreNormSum(torch.autograd.Function):
-    """h = residual * s + dropout(x), computed in float32 as the torch backend does and rounded once to
-    ``out_dtype``: in compiled code (``fusednorm._philox_cpu.pre_norm_sum``, one pass, no float32 temporaries)
-    for float32/bfloat16 tensors, else with torch ops. Saves the residual only for a learned scale (ds reads
-    it), and the dropout seed, never a mask."""
+    """h = residual * s + dropout(x), computed in float32 as the torch backend does and rounded once to h's
+    dtype: in compiled code (``fusednorm._philox_cpu.pre_norm_sum``, one pass, no float32 temporaries) for
+    float32/bfloat16 tensors, else with torch ops. Saves the residual only for a learned scale (ds reads it),
+    and keeps the dropout seed (its own (1,) tensor, never written), never a mask."""
 
     @staticmethod
-    def forward(ctx, x, residual, scale, seed, p, scale_value, out_dtype):
-        h = _pre_norm_sum(x, residual, scale, seed, p, scale_value, out_dtype)
-        ctx.save_for_backward(residual if scale is not None else None, scale, seed)
-        ctx.facts = (p, scale_value, x.dtype, residual.dtype if residual is not None else None)
+    def forward(ctx, x, residual, scale, seed, spec):
+        h = _pre_norm_sum(x, residual, scale, seed, spec)
+        if scale is not None:
+            ctx.save_for_backward(residual, scale)
+        ctx.seed, ctx.spec = seed, spec
         return h
 
     @staticmethod
@@ -274,31 +299,31 @@ class _PreNormSum(torch.autograd.Function):
 
     @staticmethod
     def _gradients(ctx, dh):
-        residual, scale, seed = ctx.saved_tensors
-        p, scale_value, x_dtype, residual_dtype = ctx.facts
+        seed, spec = ctx.seed, ctx.spec
+        residual, scale = ctx.saved_tensors or (None, None)
+        p, scale_value, _, x_dtype, residual_dtype, codes, threshold, inv_keep = spec
         needs = ctx.needs_input_grad
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
         wants_dresidual = residual_dtype is not None and needs[1]
         dx = dresidual = dscale = None
         if seed is not None:
-            compiled = _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype if wants_dresidual and
-                                                  scale is None else None, scale_value)
+            compiled = _dropout_backward_compiled(dh, seed, spec, wants_dresidual and scale is None)
             if compiled is not None:
                 dx, dresidual = compiled
             else:
                 keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
                 # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
-                dx = torch.where(keep, dh * (1.0 / (1.0 - p)), torch.zeros((), dtype=dh.dtype))
+                dx = torch.where(keep, dh * inv_keep, torch.zeros((), dtype=dh.dtype))
         if dx is None:
             dx = dh
         if dx.dtype != x_dtype:
             dx = dx.to(dtype=x_dtype)
         if dresidual is not None:
-            return dx, dresidual, None, None, None, None, None
+            return dx, dresidual, None, None, None
         if scale is not None and needs[2]:
             compiled = _scale_backward_compiled(dh, residual, scale, needs[1])
             if compiled is not None:
-                return dx, compiled[0], compiled[1], None, None, None, None
+                return dx, compiled[0], compiled[1], None, None
         if wants_dresidual:
             if seed is None and scale is None and scale_value == 1.0 and residual_dtype == x_dtype:
                 dresidual = dx  # dresidual = dx element for element: one tensor for both, as eager x + r gives
@@ -310,52 +335,53 @@ class _PreNormSum(torch.autograd.Function):
             cd = compute_dtype(x_dtype)
             per_column = (dh.to(cd) * residual.to(cd)).reshape(-1, dh.shape[-1]).sum(0)
             dscale = (per_column if scale.dim() == 1 else per_column.sum()).to(scale.dtype)
-        return dx, dresidual, dscale, None, None, None, None
+        return dx, dresidual, dscale, None, None
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}  # csrc/cpu/philox.c's codes
 
 
-def _pre_norm_sum(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor:
-    h = _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype)
-    return h if h is not None else _pre_norm_sum_torch(x, residual, scale, seed, p, scale_value, out_dtype)
-
-
-def _pre_norm_sum_compiled(x, residual, scale, seed, p, scale_value, out_dtype) -> Tensor | None:
-    """h with ``_philox_cpu.pre_norm_sum``, or None where it does not apply (not built, float16/float64)."""
-    module = dropout_module._philox_cpu
-    codes = [_DTYPE_CODES.get(t.dtype) for t in (x, residual) if t is not None] + [_DTYPE_CODES.get(out_dtype)]
-    if module is None or None in codes:
-        return None
-    x = x.contiguous()
-    residual = residual.contiguous() if residual is not None else None
-    scale_f32 = scale.to(torch.float32).contiguous() if scale is not None else None
-    h = torch.empty_like(x, dtype=out_dtype)  # x is contiguous: so is h (empty_like costs half of empty)
-    cols = x.shape[-1]
-    module.pre_norm_sum(
-        x.data_ptr(), codes[0], residual.data_ptr() if residual is not None else 0,
-        codes[1] if residual is not None else 0, scale_f32.data_ptr() if scale_f32 is not None else 0,
-        scale_f32.numel() if scale_f32 is not None else 0, float(scale_value),
-        int(seed) if seed is not None else 0, dropout_module.keep_threshold(p) if seed is not None else 0,
-        1.0 / (1.0 - p) if seed is not None else 0.0, x.numel() // cols, cols, h.data_ptr(), codes[-1])
+def _pre_norm_sum(x, residual, scale, seed, spec: _SumSpec) -> Tensor:
+    h = _pre_norm_sum_compiled(x, residual, scale, seed, spec)
+    if h is None:
+        h = _pre_norm_sum_torch(x, residual, scale, seed, spec.p, spec.scale_value, spec.out_dtype)
     return h
 
 
-def _dropout_backward_compiled(dh, seed, p, x_dtype, residual_dtype, scale_value) -> tuple | None:
-    """(dx, dresidual = dh * scale_value or None when ``residual_dtype`` is None) of the dropped sum with
+def _pre_norm_sum_compiled(x, residual, scale, seed, spec: _SumSpec) -> Tensor | None:
+    """h with ``_philox_cpu.pre_norm_sum``, or None where it does not apply (not built, float16/float64)."""
+    module = dropout_module._philox_cpu
+    codes = spec.codes
+    if module is None or codes is None:
+        return None
+    x = x.contiguous()
+    h = torch.empty_like(x, dtype=spec.out_dtype)  # x is contiguous: so is h (empty_like costs half of empty)
+    cols = x.shape[-1]
+    if scale is not None:
+        scale = scale.float().contiguous()
+    module.pre_norm_sum(
+        x.data_ptr(), codes[0], residual.contiguous().data_ptr() if residual is not None else 0, codes[1],
+        scale.data_ptr() if scale is not None else 0, scale.numel() if scale is not None else 0, spec.scale_value,
+        int(seed) if seed is not None else 0, spec.threshold, spec.inv_keep, x.numel() // cols, cols, h.data_ptr(),
+        codes[2])
+    return h
+
+
+def _dropout_backward_compiled(dh, seed, spec: _SumSpec, wants_dresidual: bool) -> tuple | None:
+    """(dx, dresidual = dh * scale_value, or None without ``wants_dresidual``) of the dropped sum with
     ``_philox_cpu.dropout_backward`` (one pass, the mask regenerated on the fly), or None where it does not
     apply."""
     module = dropout_module._philox_cpu
-    codes = [_DTYPE_CODES.get(dt) for dt in (dh.dtype, x_dtype, residual_dtype or dh.dtype)]
-    if module is None or None in codes:
+    codes = spec.codes
+    if module is None or codes is None:
         return None
-    dh = dh.contiguous()
+    dh = dh.contiguous()  # dh has h's dtype (codes[2])
     cols = dh.shape[-1]
-    dx = torch.empty_like(dh, dtype=x_dtype)  # dh is contiguous: so are dx and dresidual
-    dresidual = torch.empty_like(dh, dtype=residual_dtype) if residual_dtype is not None else None
-    module.dropout_backward(dh.data_ptr(), codes[0], int(seed), dropout_module.keep_threshold(p),
-                            1.0 / (1.0 - p), dh.numel() // cols, cols, dx.data_ptr(), codes[1],
-                            dresidual.data_ptr() if dresidual is not None else 0, codes[2], float(scale_value))
+    dx = torch.empty_like(dh, dtype=spec.x_dtype)  # dh is contiguous: so are dx and dresidual
+    dresidual = torch.empty_like(dh, dtype=spec.residual_dtype) if wants_dresidual else None
+    module.dropout_backward(dh.data_ptr(), codes[2], int(seed), spec.threshold, spec.inv_keep, dh.numel() // cols,
+                            cols, dx.data_ptr(), codes[0], dresidual.data_ptr() if dresidual is not None else 0,
+                            codes[1] if dresidual is not None else codes[2], spec.scale_value)
     return dx, dresidual
 
 
