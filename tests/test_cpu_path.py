@@ -386,3 +386,26 @@ def test_a_16bit_constant_scale_without_grad(dtype):
     if dtype == BF16 and dropout._philox_cpu is not None:
         h = cpu_path._pre_norm_sum_torch(x.detach(), r, None, None, 0.0, 0.7071067811865476, dtype)
         assert torch.equal(y, torch.layer_norm(h, (40,), w, b, 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(), (24,)], ids=["0-d", "vector"])
+def test_a_16bit_learned_scale_beside_float32_x(shape):
+    """float32 x and residual with a bfloat16 scale: ATen's float32 addcmul (the scale promoted exactly); ds in
+    the scale's dtype, dx / dresidual / ds as the Function path's to within ds's rounding to bfloat16."""
+    gen = torch.Generator().manual_seed(13)
+
+    def grads(direct: bool):
+        x, r = (torch.randn(5, 24, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in (1, 2))
+        s = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.5).bfloat16().requires_grad_()
+        with contextlib.nullcontext() if direct else cpu_path.disabled():
+            y = fusednorm.add_layer_norm(x, r, w, b, residual_scale=s)
+        assert (_sum_op(y) == "AddcmulBackward0") == direct
+        y.backward(dy)
+        return x.grad, r.grad, s.grad
+
+    w, b, dy = torch.randn(24, generator=gen), torch.randn(24, generator=gen), torch.randn(5, 24, generator=gen)
+    got, want = grads(True), grads(False)
+    assert got[2].dtype == torch.bfloat16 and got[2].shape == shape
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=2**-7, atol=1e-5)
