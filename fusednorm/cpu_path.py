@@ -288,6 +288,7 @@ class _PreNormSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, scale, seed, spec):
         h = _pre_norm_sum(x, residual, scale, seed, spec)
+        ctx.learned = scale is not None
         if scale is not None:
             ctx.save_for_backward(residual, scale)
         ctx.seed, ctx.spec = seed, spec
@@ -300,7 +301,7 @@ class _PreNormSum(torch.autograd.Function):
     @staticmethod
     def _gradients(ctx, dh):
         seed, spec = ctx.seed, ctx.spec
-        residual, scale = ctx.saved_tensors or (None, None)
+        residual, scale = ctx.saved_tensors if ctx.learned else (None, None)
         p, scale_value, _, x_dtype, residual_dtype, codes, threshold, inv_keep = spec
         needs = ctx.needs_input_grad
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
@@ -330,7 +331,9 @@ class _PreNormSum(torch.autograd.Function):
             elif scale is not None:
                 dresidual = (dh * scale.to(dtype=compute_dtype(dh.dtype))).to(dtype=residual_dtype)
             else:
-                dresidual = (dh * scale_value if scale_value != 1.0 else dh).to(dtype=residual_dtype)
+                dresidual = dh * scale_value if scale_value != 1.0 else dh
+                if dresidual.dtype != residual_dtype:
+                    dresidual = dresidual.to(dtype=residual_dtype)
         if scale is not None and needs[2]:
             cd = compute_dtype(x_dtype)
             per_column = (dh.to(cd) * residual.to(cd)).reshape(-1, dh.shape[-1]).sum(0)
