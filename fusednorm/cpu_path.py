@@ -357,13 +357,16 @@ def _pre_norm_sum_compiled(x, residual, scale, seed, spec: _SumSpec) -> Tensor |
     codes = spec.codes
     if module is None or codes is None:
         return None
+    # Every tensor whose address goes to the C code is held in a variable until it returns: a temporary
+    # (``t.contiguous().data_ptr()``) would be freed before the call reads it.
     x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
     h = torch.empty_like(x, dtype=spec.out_dtype)  # x is contiguous: so is h (empty_like costs half of empty)
     cols = x.shape[-1]
     if scale is not None:
         scale = scale.float().contiguous()
     module.pre_norm_sum(
-        x.data_ptr(), codes[0], residual.contiguous().data_ptr() if residual is not None else 0, codes[1],
+        x.data_ptr(), codes[0], residual.data_ptr() if residual is not None else 0, codes[1],
         scale.data_ptr() if scale is not None else 0, scale.numel() if scale is not None else 0, spec.scale_value,
         int(seed) if seed is not None else 0, spec.threshold, spec.inv_keep, x.numel() // cols, cols, h.data_ptr(),
         codes[2])
