@@ -2,8 +2,10 @@
 torch backend computes.
 
 On the CPU there is no fused kernel: the "torch" backend is a reference written for clarity. For the calls
-that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) calls
-``call`` instead of the autograd Function, so a CPU model costs what torch.nn's own modules cost:
+that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) runs the
+function ``specialize`` made for the call's signature (kept in its plan, ``fusednorm._plan``; ``call`` is the
+same computation looked up per call) instead of the autograd Function, so a CPU model costs what torch.nn's own
+modules cost:
 
 - h = residual * s + dropout(x), without dropout: ``x + residual`` (ATen rounds the float32 sum once to h's
   dtype, as the backend does); with a scale, ``torch.add(x, residual, alpha=s)`` / ``torch.addcmul(x, residual,
@@ -32,7 +34,7 @@ learned scale, each dh * residual before ATen sums them into ds), and ATen's Lay
 h * rstd - mean * rstd. ATen's scaled sums round r * s + x once in float32 where the backend rounds the product
 and the sum (Post-LN only). A returned h is the backend's bit for bit.
 
-``usable`` decides, once per call signature (the plan cache of ``fusednorm.functional``), from facts that
+``usable`` decides, once per call signature (the plan cache, ``fusednorm._plan``), from facts that
 signature holds: dtypes, devices, shapes, the Variant, the backend. What it leaves to the Function path:
 
 - float64 x: ATen's LayerNorm backward takes xhat as h * rstd - mean * rstd and misses DESIGN section 6's
@@ -58,6 +60,7 @@ from .dropout import draw_seed, dropout_keep_mask
 from .variant import ScaleKind, Variant
 
 _FLOAT_16_32 = (torch.float16, torch.bfloat16, torch.float32)
+_PLAIN = (Tensor, torch.nn.Parameter)  # tensor types the CPU path takes (subclasses such as DTensor: the Function)
 _enabled = True
 # LayerNorm over a 16-bit h on ATen's kernel: y = h * (rstd * w) + (b - mean * rstd * w) rounds where the torch
 # backend's (h - mean) * rstd * w + b does not, so a constant row at a large offset gives bias only to within
@@ -91,12 +94,14 @@ def disabled() -> Iterator[None]:
 
 def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
            bias: Tensor | None, residual_scale: float | Tensor | None, weight_offset: float) -> bool:
-    """True when ``call`` computes this call exactly as the torch backend would (eager, plain CPU tensors,
-    backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes and the Variant."""
+    """True when ``call`` computes this call exactly as the torch backend would (eager, plain CPU tensors or
+    module parameters, backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes and the
+    Variant."""
     if not _enabled or backend != "torch" or variant.store_stats:
         return False
     tensors = [t for t in (x, residual, weight, bias, residual_scale) if isinstance(t, Tensor)]
-    if any(type(t) is not Tensor or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
+    # nn.Parameter is a plain tensor to ATen (no __torch_function__ of its own): every module's weight is one.
+    if any(type(t) not in _PLAIN or t.device.type != "cpu" or t.layout != torch.strided for t in tensors):
         return False
     if x.dtype not in _FLOAT_16_32 or (residual is not None and residual.dtype not in _FLOAT_16_32):
         return False
