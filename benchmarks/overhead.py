@@ -222,6 +222,57 @@ def run(device: str, rows: int, n: int, calls: int, repeats: int, statistic: str
     return rows_out
 
 
+class _Bare(torch.autograd.Function):
+    """An autograd Function that does nothing but return a preallocated tensor (and save ``saved``, if any):
+    what apply and save_for_backward cost by themselves. The output comes in a tuple, not as an argument:
+    autograd would make a returned input an alias view, which costs more than the rest."""
+
+    @staticmethod
+    def forward(ctx, out, saved, *inputs):
+        if saved:
+            ctx.save_for_backward(*saved)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return None
+
+
+def breakdown(rows: int, n: int, calls: int, repeats: int, statistic: str = "min") -> dict[str, float]:
+    """What a LayerNorm module's forward with grad is made of (CPU, kernels stubbed), us per call: each step of
+    the call timed alone, from the outside in (each includes the ones below it), and Python's own pieces
+    (nn.Module's call of an empty forward, a bare autograd Function's apply, saving four tensors)."""
+    torch.set_num_threads(1)
+    undo = install_stub()
+    try:
+        from fusednorm import functional as fn
+        x, r = torch.randn(rows, n, requires_grad=True), torch.randn(rows, n, requires_grad=True)
+        module, empty = fusednorm.LayerNorm(n), torch.nn.Identity()
+        w, b = module.weight, module.bias
+        ln = (False, x, None, w, b, module.eps, None, 0.0, False, False, 0.0, None)
+        add = (False, x, r, w, b, module.eps, None, 0.0, False, False, 0.0, None)
+        plan = _plan.lookup(*ln, False, False)
+        out, four = torch.empty(rows, n), (x, w, torch.empty(rows), torch.empty(rows))
+        steps = {
+            "module(x)": lambda: module(x),
+            "module.forward(x)": lambda: module.forward(x),
+            "functional._call (compile / functorch / telemetry checks, plan, Function)": lambda: fn._call(*ln),
+            "plan lookup, layer_norm": lambda: _plan.lookup(*ln, False, False),
+            "plan lookup, add_layer_norm": lambda: _plan.lookup(*add, False, False),
+            "_NormNoResidual.apply (the Function with its forward)": lambda: fn._NormNoResidual.apply(plan, x, w, b),
+            "the forward's own work (ForwardArgs, op layer, stubbed backend)":
+                lambda: fn._norm_forward(None, plan, x, None, w, b),
+            "nn.Module call of an empty forward (Identity)": lambda: empty(x),
+            "bare autograd.Function.apply, 3 tensors needing grad": lambda: _Bare.apply((out,), (), x, w, b),
+            "the same, saving 4 tensors": lambda: _Bare.apply((out,), four, x, w, b),
+            "F.layer_norm (the reference)": lambda: F.layer_norm(x, (n,), w, b),
+        }
+        times = paired_us(list(steps.values()), calls, repeats, statistic)
+    finally:
+        undo()
+    return dict(zip(steps, times, strict=True))
+
+
 def markdown(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"Host cost per call, us ({r0['statistic']} of {r0['repeats']} repeats of {r0['calls']} calls; "
@@ -259,7 +310,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     results = run(args.device, args.rows, args.n, args.calls, args.repeats, args.statistic)
-    write_results(results, markdown(results), args.out)
+    table = markdown(results)
+    if args.device == "cpu":
+        parts = breakdown(args.rows, args.n, args.calls, args.repeats, args.statistic)
+        results.append(dict(case="breakdown", device="cpu", rows=args.rows, n=args.n, us=parts))
+        table += ("\nWhat a LayerNorm module's forward with grad is made of (us per call, each step timed alone, "
+                  "including the steps below it):\n\n| step | us |\n|---|---|\n"
+                  + "".join(f"| {k} | {v:.2f} |\n" for k, v in parts.items()))
+    write_results(results, table, args.out)
 
 
 def write_results(results, table: str, out: str | None) -> None:
