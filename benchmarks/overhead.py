@@ -144,6 +144,15 @@ def _cases(rows: int, n: int, device, dtype) -> list[dict]:
         "AddLayerNorm": fusednorm.AddLayerNorm(n, device=device, dtype=dtype),
         "AddRMSNorm(prenorm)": fusednorm.AddRMSNorm(n, prenorm=True, device=device, dtype=dtype),
     }
+    # torch.nn's own modules, with the same parameters: the like-for-like reference of the module rows (the goal
+    # stays F.layer_norm / F.rms_norm's call; this column shows what nn.Module.__call__ itself costs on both sides).
+    torch_ln = torch.nn.LayerNorm(n, device=device, dtype=dtype)
+    torch_ln.weight, torch_ln.bias = modules["LayerNorm"].weight, modules["LayerNorm"].bias
+    torch_rms = torch.nn.RMSNorm(n, eps=1e-6, device=device, dtype=dtype)
+    torch_rms.weight = modules["RMSNorm"].weight
+    module_refs = {"LayerNorm module": lambda: torch_ln(x), "RMSNorm module": lambda: torch_rms(x),
+                   "AddLayerNorm module": lambda: torch_ln(x + r), "AddRMSNorm(prenorm) module":
+                   lambda: (lambda h: (torch_rms(h), h))(x + r)}
     cases = [
         ("layer_norm", lambda: fusednorm.layer_norm(x, w, b), ln_ref, lambda: F.layer_norm(x, (n,), w, b)),
         ("rms_norm", lambda: fusednorm.rms_norm(x, w), rms_ref, lambda: F.rms_norm(x, (n,), w, 1e-6)),
@@ -163,7 +172,8 @@ def _cases(rows: int, n: int, device, dtype) -> list[dict]:
         ("AddRMSNorm(prenorm) module", lambda: modules["AddRMSNorm(prenorm)"](x, r), rms_ref,
          lambda: (lambda h: (F.rms_norm(h, (n,), w, 1e-6), h))(x + r)),
     ]
-    return [dict(name=name, fused=fused, forward_ref=fref, train_ref=tref) for name, fused, fref, tref in cases]
+    return [dict(name=name, fused=fused, forward_ref=fref, train_ref=tref, module_ref=module_refs.get(name))
+            for name, fused, fref, tref in cases]
 
 
 def _train(fn: Callable[[], object]) -> Callable[[], None]:
@@ -198,6 +208,10 @@ def run(device: str, rows: int, n: int, calls: int, repeats: int, statistic: str
             row["forward_nograd_ratio"] = row["forward_nograd_us"] / row["aten_forward_nograd_us"]
             row["forward_ratio"] = row["forward_us"] / row["aten_forward_us"]
             row["train_ratio"] = row["train_us"] / row["aten_train_us"]
+            if case["module_ref"] is not None:  # forward with grad, against torch.nn's module call
+                fused_us, module_us = timed(case["fused"], case["module_ref"])
+                row.update(module_forward_us=fused_us, torch_module_forward_us=module_us,
+                           torch_module_forward_ratio=fused_us / module_us)
             if dev.type == "cuda":
                 with torch.no_grad():
                     row["forward_graph_us"] = cuda_graph_us(case["fused"], 100, repeats, statistic)
@@ -206,6 +220,57 @@ def run(device: str, rows: int, n: int, calls: int, repeats: int, statistic: str
     finally:
         undo()
     return rows_out
+
+
+class _Bare(torch.autograd.Function):
+    """An autograd Function that does nothing but return a preallocated tensor (and save ``saved``, if any):
+    what apply and save_for_backward cost by themselves. The output comes in a tuple, not as an argument:
+    autograd would make a returned input an alias view, which costs more than the rest."""
+
+    @staticmethod
+    def forward(ctx, out, saved, *inputs):
+        if saved:
+            ctx.save_for_backward(*saved)
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, dy):
+        return None
+
+
+def breakdown(rows: int, n: int, calls: int, repeats: int, statistic: str = "min") -> dict[str, float]:
+    """What a LayerNorm module's forward with grad is made of (CPU, kernels stubbed), us per call: each step of
+    the call timed alone, from the outside in (each includes the ones below it), and Python's own pieces
+    (nn.Module's call of an empty forward, a bare autograd Function's apply, saving four tensors)."""
+    torch.set_num_threads(1)
+    undo = install_stub()
+    try:
+        from fusednorm import functional as fn
+        x, r = torch.randn(rows, n, requires_grad=True), torch.randn(rows, n, requires_grad=True)
+        module, empty = fusednorm.LayerNorm(n), torch.nn.Identity()
+        w, b = module.weight, module.bias
+        ln = (False, x, None, w, b, module.eps, None, 0.0, False, False, 0.0, None)
+        add = (False, x, r, w, b, module.eps, None, 0.0, False, False, 0.0, None)
+        plan = _plan.lookup(*ln, False, False)
+        out, four = torch.empty(rows, n), (x, w, torch.empty(rows), torch.empty(rows))
+        steps = {
+            "module(x)": lambda: module(x),
+            "module.forward(x)": lambda: module.forward(x),
+            "functional._call (compile / functorch / telemetry checks, plan, Function)": lambda: fn._call(*ln),
+            "plan lookup, layer_norm": lambda: _plan.lookup(*ln, False, False),
+            "plan lookup, add_layer_norm": lambda: _plan.lookup(*add, False, False),
+            "_NormNoResidual.apply (the Function with its forward)": lambda: fn._NormNoResidual.apply(plan, x, w, b),
+            "the forward's own work (ForwardArgs, op layer, stubbed backend)":
+                lambda: fn._norm_forward(None, plan, x, None, w, b),
+            "nn.Module call of an empty forward (Identity)": lambda: empty(x),
+            "bare autograd.Function.apply, 3 tensors needing grad": lambda: _Bare.apply((out,), (), x, w, b),
+            "the same, saving 4 tensors": lambda: _Bare.apply((out,), four, x, w, b),
+            "F.layer_norm (the reference)": lambda: F.layer_norm(x, (n,), w, b),
+        }
+        times = paired_us(list(steps.values()), calls, repeats, statistic)
+    finally:
+        undo()
+    return dict(zip(steps, times, strict=True))
 
 
 def markdown(results: list[dict]) -> str:
@@ -224,6 +289,13 @@ def markdown(results: list[dict]) -> str:
                      f"{mark(r['forward_nograd_ratio'], FORWARD_GOAL)} | {r['forward_us']:.1f} | "
                      f"{r['aten_forward_us']:.1f} | {mark(r['forward_ratio'], FORWARD_GOAL)} | {r['train_us']:.1f} | "
                      f"{r['aten_train_us']:.1f} | {mark(r['train_ratio'], TRAIN_GOAL)} |")
+    modules = [r for r in results if "torch_module_forward_us" in r]
+    if modules:
+        lines += ["", "Modules, forward with grad, against torch.nn's own module call (torch.nn.LayerNorm / RMSNorm, "
+                  "with ``x + r`` for the Add* modules; nn.Module.__call__ on both sides; timed in their own pairs):",
+                  "", "| module | fusednorm | torch.nn | ratio |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['module_forward_us']:.1f} | {r['torch_module_forward_us']:.1f} | "
+                  f"{r['torch_module_forward_ratio']:.2f} |" for r in modules]
     return "\n".join(lines) + "\n"
 
 
@@ -238,7 +310,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
     results = run(args.device, args.rows, args.n, args.calls, args.repeats, args.statistic)
-    write_results(results, markdown(results), args.out)
+    table = markdown(results)
+    if args.device == "cpu":
+        parts = breakdown(args.rows, args.n, args.calls, args.repeats, args.statistic)
+        results.append(dict(case="breakdown", device="cpu", rows=args.rows, n=args.n, us=parts))
+        table += ("\nWhat a LayerNorm module's forward with grad is made of (us per call, each step timed alone, "
+                  "including the steps below it):\n\n| step | us |\n|---|---|\n"
+                  + "".join(f"| {k} | {v:.2f} |\n" for k, v in parts.items()))
+    write_results(results, table, args.out)
 
 
 def write_results(results, table: str, out: str | None) -> None:

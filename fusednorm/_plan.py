@@ -11,6 +11,7 @@ from __future__ import annotations
 import operator
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -32,7 +33,9 @@ class Plan(NamedTuple):
     saved: tuple[str, ...]  # variant.saved
     bias_dtype: torch.dtype | None
     x_dtype: torch.dtype
-    direct: bool  # an eager call the CPU path computes (cpu_path.usable): no autograd Function, no backend
+    # The CPU path's function for this signature (cpu_path.specialize), for an eager call it computes
+    # (cpu_path.usable): direct(x, residual, weight, bias, residual_scale), no autograd Function, no backend.
+    direct: Callable[..., Tensor | tuple[Tensor, Tensor]] | None
     learned_scale: bool  # variant.learned_scale (a property: looked up once here)
     dresidual_is_dx: bool  # variant.dresidual_is_dx
     shape: torch.Size  # x's
@@ -42,6 +45,9 @@ class Plan(NamedTuple):
     # (None for what is not saved): itemgetters, built once per plan.
     pick_saved: Callable[[tuple], tuple]
     unpack_saved: Callable[[tuple], tuple]
+    # The backend module an eager forward on plain tensors calls directly (ops.forward's eager path, decided
+    # once here); None for traced calls, tensor subclasses and meta tensors: these go through fusednorm::fwd.
+    impl: ModuleType | None
 
 
 SAVED_ORDER = ("x", "residual", "h", "weight", "residual_scale", "mean", "rstd", "seed")  # see Plan.pick_saved
@@ -91,16 +97,21 @@ def checked(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropou
         residual_in_fp32=residual_in_fp32, has_weight=weight is not None, has_bias=bias is not None,
         store_stats=store_stats)
     scale_value = float(residual_scale) if variant.scale_kind == ScaleKind.CONSTANT else 1.0
-    direct = (not compiling and name == "torch" and type(x) is Tensor and x.device.type == "cpu" and not store_stats
-              and cpu_path.usable(variant, name, x, residual, weight, bias, residual_scale, weight_offset))
+    direct = None
+    if (not compiling and name == "torch" and type(x) is Tensor and x.device.type == "cpu" and not store_stats
+            and cpu_path.usable(variant, name, x, residual, weight, bias, residual_scale, weight_offset)):
+        direct = cpu_path.specialize(
+            variant, x.dtype, _dtype(residual), _dtype(weight), _dtype(bias), _dtype(residual_scale), eps, scale_value,
+            dropout_p, weight_offset)
     saved = variant.saved  # at least two names (h or x, and rstd): the itemgetters return tuples
     pick_saved = operator.itemgetter(*(SAVED_ORDER.index(name) for name in saved))
     unpack_saved = operator.itemgetter(*(saved.index(name) if name in saved else -1 for name in SAVED_ORDER))
+    eager = not compiling and type(x) is Tensor and not x.is_meta and name in backends.BACKENDS
     return Plan(variant, name, eps, scale_value, dropout_p, weight_offset, saved,
-                bias.dtype if bias is not None else None, x.dtype, bool(direct),
+                bias.dtype if bias is not None else None, x.dtype, direct,
                 variant.learned_scale, variant.dresidual_is_dx,
                 x.shape, x.dim() == 2, pick_saved,
-                unpack_saved)
+                unpack_saved, backends.implementation(name) if eager else None)
 
 
 def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
@@ -138,6 +149,10 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
+
+
+def _dtype(t) -> torch.dtype | None:
+    return t.dtype if isinstance(t, Tensor) else None
 
 
 def _register_dtensor_rules(x) -> None:

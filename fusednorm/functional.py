@@ -19,7 +19,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
-from . import _plan, cpu_path, ops
+from . import _plan, ops
 from .backends.contract import BackwardArgs, ForwardArgs, compute_dtype
 from .dropout import draw_seed
 from .variant import Variant
@@ -90,12 +90,9 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
         raise RuntimeError(FUNCTORCH_MESSAGE)
     plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                         weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
-    if plan.direct:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
-        if plan.weight_offset != 0.0:  # the affine weight is (weight + weight_offset), summed there in float32
-            return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
-                                 plan.dropout_p, weight_offset=plan.weight_offset)
-        return cpu_path.call(plan.variant, x, residual, weight, bias, residual_scale, plan.eps, plan.scale_value,
-                             plan.dropout_p)
+    direct = plan.direct
+    if direct is not None:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
+        return direct(x, residual, weight, bias, residual_scale)
     if torch.is_grad_enabled():
         if residual is None:  # fewer arguments: each costs in apply
             return _NormNoResidual.apply(plan, x, weight, bias)
@@ -106,11 +103,11 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
 
 
 def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None, residual_scale: ResidualScale):
+                  bias: Tensor | None, residual_scale: ResidualScale = None):
     """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
     variant = plan.variant
     args = _forward_args(plan, x, residual, weight, bias, residual_scale)
-    out = ops.forward(variant, args, plan.backend)
+    out = ops.forward(variant, args, plan.backend, plan.impl)
     if variant.store_stats:
         sink = stats_sink.get()
         if sink is not None:
@@ -197,9 +194,7 @@ class _Norm(torch.autograd.Function):
     """The autograd Function of the public functions' eager calls: ``_Norm.apply(plan, x, residual, weight, bias,
     residual_scale)`` with the call's checked plan (no second lookup; few arguments: each costs in apply)."""
 
-    @staticmethod
-    def forward(ctx, plan, x, residual, weight, bias, residual_scale):
-        return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias, residual_scale): no extra frame
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -224,9 +219,7 @@ class _NormNoResidual(torch.autograd.Function):
 class _NormConstantScale(torch.autograd.Function):
     """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, residual, weight, bias)``."""
 
-    @staticmethod
-    def forward(ctx, plan, x, residual, weight, bias):
-        return _norm_forward(ctx, plan, x, residual, weight, bias, None)
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias): residual_scale None
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):

@@ -41,6 +41,16 @@ def autocast_norm_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _autocast_may_upcast(x: Tensor) -> bool:
+    """Whether ``autocast_norm_dtype(x)`` may differ from x's dtype: 16-bit x while the autocast of a device in
+    AUTOCAST_FP32_NORM_DEVICES is on. The modules' common call answers this without reading x's device."""
+    if x.dtype in _AUTOCAST_DTYPES:
+        for device_type in AUTOCAST_FP32_NORM_DEVICES:
+            if torch.is_autocast_enabled(device_type):
+                return True
+    return False
+
+
 def _flat(p: Tensor | None) -> Tensor | None:
     return p.reshape(-1) if p is not None else None
 
@@ -135,8 +145,11 @@ class LayerNorm(nn.LayerNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
-        if type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape:
+        params = self._parameters  # read directly: see _parameter
+        weight, bias = params.get("weight", _MISSING), params.get("bias", _MISSING)
+        if weight is _MISSING or bias is _MISSING:
+            weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
+        if type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x):
             # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
             return F._call(False, x, None, weight, bias, self.eps, None, 0.0, False, False, self.weight_offset, None)
         return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
@@ -165,8 +178,10 @@ class RMSNorm(nn.RMSNorm):
         _init_offset_weight(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = _parameter(self, "weight")
-        if (type(x) is Tensor and x.dtype not in _AUTOCAST_DTYPES and x.shape[-1:] == self.normalized_shape
+        weight = self._parameters.get("weight", _MISSING)
+        if weight is _MISSING:
+            weight = _parameter(self, "weight")
+        if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x)
                 and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
             return F._call(True, x, None, weight, None, self.eps, None, 0.0, False, False, self.weight_offset, None)
         return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
@@ -197,7 +212,10 @@ class _AddNorm(nn.Module):
         factory = dict(device=device, dtype=dtype)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.ones(n, **factory))
-            self.bias = nn.Parameter(torch.zeros(n, **factory)) if bias else None
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(n, **factory))
+            else:
+                self.register_parameter("bias", None)  # in _parameters, as torch.nn.LayerNorm(bias=False) has it
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -214,9 +232,15 @@ class _AddNorm(nn.Module):
         self.residual_scale_kind = residual_scale
         _set_weight_offset(self, weight_offset)
 
-    def _scale(self):
-        scale = _parameter(self, "residual_scale")
-        return scale if scale is not None else self.scale_constant
+    def _weight_bias_scale(self) -> tuple:
+        """(weight, bias, residual_scale: the learned Parameter or the constant) for the functional call."""
+        params = self._parameters  # read directly: see _parameter
+        weight, bias, scale = (params.get("weight", _MISSING), params.get("bias", _MISSING),
+                               params.get("residual_scale", _MISSING))
+        if weight is _MISSING or bias is _MISSING or scale is _MISSING:
+            weight, bias, scale = (_parameter(self, "weight"), _parameter(self, "bias"),
+                                   _parameter(self, "residual_scale"))
+        return weight, bias, scale if scale is not None else self.scale_constant
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -241,9 +265,9 @@ class AddLayerNorm(_AddNorm):
 
     def forward(self, x: Tensor, residual: Tensor | None):
         # F.add_layer_norm's call, positionally (keyword arguments cost on every call)
-        p = self.dropout_p if self.training else 0.0
-        return F._call(False, x, residual, _parameter(self, "weight"), _parameter(self, "bias"), self.eps,
-                       self._scale(), p, self.prenorm, self.residual_in_fp32, self.weight_offset, None)
+        weight, bias, scale = self._weight_bias_scale()
+        return F._call(False, x, residual, weight, bias, self.eps, scale, self.dropout_p if self.training else 0.0,
+                       self.prenorm, self.residual_in_fp32, self.weight_offset, None)
 
 
 class AddRMSNorm(_AddNorm):
@@ -256,6 +280,6 @@ class AddRMSNorm(_AddNorm):
                          residual_in_fp32, device, dtype, weight_offset)
 
     def forward(self, x: Tensor, residual: Tensor | None):
-        p = self.dropout_p if self.training else 0.0  # F.add_rms_norm's call, positionally
-        return F._call(True, x, residual, _parameter(self, "weight"), None, self.eps, self._scale(), p, self.prenorm,
-                       self.residual_in_fp32, self.weight_offset, None)
+        weight, _, scale = self._weight_bias_scale()  # F.add_rms_norm's call, positionally
+        return F._call(True, x, residual, weight, None, self.eps, scale, self.dropout_p if self.training else 0.0,
+                       self.prenorm, self.residual_in_fp32, self.weight_offset, None)

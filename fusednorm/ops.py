@@ -24,6 +24,8 @@ Eager calls on plain tensors skip the dispatcher: ``forward`` / ``backward`` cal
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
@@ -143,8 +145,12 @@ def _implementation(backend: str, device: torch.device):
     return backends.implementation(backend if backend in backends.BACKENDS else backends.resolve(backend, device))
 
 
-def forward(variant: Variant, args: ForwardArgs, backend: str) -> ForwardResult:
-    """One forward: the backend directly in eager mode (``backend`` resolved), else ``fusednorm::fwd``."""
+def forward(variant: Variant, args: ForwardArgs, backend: str, impl: ModuleType | None = None) -> ForwardResult:
+    """One forward: the backend directly in eager mode (``backend`` resolved), else ``fusednorm::fwd``.
+    ``impl``: the backend module when the caller's plan already decided that the call is eager on plain
+    tensors (``fusednorm._plan.Plan.impl``): then only an active TorchDispatchMode is checked here."""
+    if impl is not None and not torch._C._len_torch_dispatch_stack():
+        return impl.forward(variant, args)
     a = args
     if _eager(a.x):
         if backend in backends.BACKENDS:  # resolved by the caller: the common case

@@ -164,8 +164,12 @@ def emulated_backend() -> EmulatedBackend:
 
 def install_as_cuda(monkeypatch) -> EmulatedBackend:
     """Make backend="cuda" run the emulated kernels on CPU tensors for the rest of the test."""
+    from fusednorm import _plan
+
     emulated = emulated_backend()
     real_implementation, real_why = backends.implementation, backends._why_unavailable
+    # Call plans hold the backend module they run (Plan.impl): none cached before or during the test may outlive it.
+    monkeypatch.setattr(_plan, "_PLANS", {})
     monkeypatch.setattr(backends, "implementation",
                         lambda name: emulated if name == "cuda" else real_implementation(name))
     monkeypatch.setattr(backends, "_why_unavailable",

@@ -29,9 +29,9 @@ def test_each_case_is_the_variant_of_the_benchmarked_call(case, monkeypatch):
     seen = []
     real_forward, real_backward = fusednorm.ops.forward, fusednorm.ops.backward
 
-    def forward(variant, args, backend):
+    def forward(variant, args, backend, impl=None):
         seen.append(("fwd", variant))
-        return real_forward(variant, args, backend)
+        return real_forward(variant, args, backend, impl)
 
     def backward(variant, args, backend):
         seen.append(("bwd", variant))
@@ -140,6 +140,7 @@ def test_an_absent_backend_or_peer_is_reported_with_its_reason(monkeypatch):
         return real(name)
 
     monkeypatch.setattr(backends, "implementation", no_triton)
+    monkeypatch.setattr(fusednorm._plan, "_PLANS", {})  # plans hold their backend module (Plan.impl)
     reason = impls.FusedNorm("triton").why_unavailable(torch.device("cpu"))
     assert reason is not None and "fusednorm.triton" in reason
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import fusednorm
-from fusednorm import cpu_path, dropout, ops
+from fusednorm import case_matrix, cpu_path, dropout, ops
 from fusednorm.dropout import dropout_keep_mask, keep_threshold, philox_r0
-from fusednorm.testing import Case, case_variants
+from fusednorm.testing import Case, assert_section6, case_variants, check_case
 from fusednorm.variant import Variant
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -176,8 +176,9 @@ def test_no_dropout_mask_is_saved():
 
 
 def test_double_backward_works_through_atens_ops_and_the_function_path_says_it_does_not():
-    """Direct path, LayerNorm with a plain residual: ATen's ops are twice differentiable. Its own Functions
-    (RMSNorm, the scaled / dropped sum) and the Function path raise fusednorm's error."""
+    """Direct path, LayerNorm with a plain or (Post-LN) scaled residual: ATen's ops are twice differentiable.
+    Its own Functions (RMSNorm, the dropped sum, a scaled sum whose h is returned) and the Function path raise
+    fusednorm's error."""
     x = torch.randn(5, 16, requires_grad=True)
     w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
     (dx,) = torch.autograd.grad(fusednorm.layer_norm(x, w, b).square().sum(), x, create_graph=True)
@@ -187,8 +188,17 @@ def test_double_backward_works_through_atens_ops_and_the_function_path_says_it_d
                                     create_graph=True)
     torch.testing.assert_close(ddx, torch.autograd.grad(dx_ref.square().sum(), x_ref)[0])
     r = torch.randn(5, 16, requires_grad=True)
+    s = torch.randn(16, requires_grad=True)
+    for scale in (0.5, s):  # torch.add(x, r, alpha=0.5) / torch.addcmul(x, r, s): ATen's
+        (dx,) = torch.autograd.grad(fusednorm.add_layer_norm(x, r, w, residual_scale=scale).square().sum(), x,
+                                    create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.square().sum(), x)
+        x_ref = x.detach().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(torch.nn.functional.layer_norm(r * scale + x_ref, (16,), w).square().sum(),
+                                        x_ref, create_graph=True)
+        torch.testing.assert_close(ddx, torch.autograd.grad(dx_ref.square().sum(), x_ref)[0])
     calls = [(True, lambda: fusednorm.rms_norm(x, w)),
-             (True, lambda: fusednorm.add_layer_norm(x, r, w, residual_scale=0.5)),
+             (True, lambda: fusednorm.add_layer_norm(x, r, w, residual_scale=0.5, prenorm=True)[0]),
              (True, lambda: fusednorm.add_rms_norm(x, r, w, dropout_p=0.2)),
              (False, lambda: fusednorm.layer_norm(x, w, b))]
     for direct, make in calls:
@@ -256,3 +266,165 @@ def test_a_constant_16bit_row_at_a_large_offset(on_aten, monkeypatch):
     assert _takes_the_function(y) != on_aten
     error = (y[1].float() - b.float()).abs().max().item()
     assert error <= 0.5 if on_aten else error == 0.0
+
+
+# ---- ATen's sums for a scaled residual, the 16-bit parameters, the 16-bit RMSNorm kernel -------------------------
+
+_SCALED = [v for v in case_variants() if v.scale_kind and not v.has_dropout and not v.store_stats]
+
+
+def _sum_op(out) -> str:
+    """The name of the autograd node that formed h under ATen's LayerNorm / the RMSNorm Function."""
+    node = (out[0] if isinstance(out, tuple) else out).grad_fn
+    while node is not None and type(node).__name__ in ("NativeLayerNormBackward0", "BackwardCFunction",
+                                                         "ToCopyBackward0") and node.next_functions:
+        node = node.next_functions[0][0]
+    return type(node).__name__ if node is not None else ""
+
+
+@pytest.mark.parametrize("dtype, param_dtype", [(F32, None), (BF16, None), (BF16, F32), (F16, None), (F16, F32),
+                                                ])
+@pytest.mark.parametrize("variant", _SCALED, ids=[v.name for v in _SCALED])
+def test_a_scaled_residual_without_dropout_on_atens_sums_meets_section_6(variant, dtype, param_dtype):
+    """Constant and learned (0-d, (N,)) scales without dropout: h by torch.add(alpha) / torch.addcmul where
+    ``cpu_path._sum_recipe`` takes them, the gradients (ds included, in the scale's dtype) by autograd, else by
+    _PreNormSum; every output and gradient against the float64 reference (DESIGN section 6), at N = 7 and 64."""
+    if not case_matrix.realizable(variant, dtype):
+        pytest.skip("no such call at this dtype")
+    for n in (7, 64):
+        case = Case(variant, (5, n), dtype, param_dtype, eps=1e-6 if variant.is_rms else 1e-5)
+        assert_section6(check_case(case, "torch", seed=n))
+
+
+def test_which_scaled_sums_take_atens_ops():
+    """ATen's sums for float32 x and residual where h is not returned (one float32 rounding less than the
+    backend's), and for 16-bit x, residual and learned scale of one dtype (the backend's h bit for bit, also
+    returned); _PreNormSum for the rest (a 16-bit x with a constant or float32 scale, a returned float32 h)."""
+    gen = torch.Generator().manual_seed(3)
+    expected = [  # (x dtype, scale: "constant" / 0-d / (N,) and its dtype, prenorm, the node that forms h)
+        (F32, "constant", None, False, "AddBackward0"), (BF16, "constant", None, False, "_PreNormSumBackward"),
+        (F32, "constant", None, True, "_PreNormSumBackward"), (F32, (), F32, False, "AddcmulBackward0"),
+        (F32, (8,), BF16, False, "AddcmulBackward0"), (F32, (), BF16, False, "AddcmulBackward0"),
+        (BF16, (), F32, False, "_PreNormSumBackward"), (BF16, (8,), F32, False, "_PreNormSumBackward"),
+        (BF16, (8,), BF16, True, "AddcmulBackward0"), (BF16, (), BF16, True, "AddcmulBackward0"),
+        (F32, (8,), F32, True, "_PreNormSumBackward"), (BF16, (8,), F32, True, "_PreNormSumBackward"),
+    ]
+    for dtype, shape, scale_dtype, prenorm, node in expected:
+        x, r = (torch.randn(4, 8, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+        scale = 0.7 if shape == "constant" else torch.rand(shape, generator=gen).to(scale_dtype).requires_grad_()
+        out = fusednorm.add_layer_norm(x, r, torch.randn(8), residual_scale=scale, prenorm=prenorm)
+        assert _sum_op(out) == node, (dtype, shape, scale_dtype, prenorm)
+        if node == "AddcmulBackward0" and shape != "constant":
+            (out[0] if prenorm else out).float().square().sum().backward()
+            assert scale.grad.dtype == scale.dtype and scale.grad.shape == scale.shape
+            if prenorm:  # the returned h: the backend's bit for bit
+                with cpu_path.disabled():
+                    h_ref = fusednorm.add_layer_norm(x, r, torch.randn(8), residual_scale=scale, prenorm=True)[1]
+                assert torch.equal(out[1], h_ref)
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_16bit_layer_norm_casts_its_parameters_only_for_a_backward(dtype):
+    """Without a backward, 16-bit parameters go into ATen's 16-bit kernel as given: y is the same bit for bit
+    as with float32 parameters. With one, they go in as float32: ATen's 16-bit kernel would keep 16-bit
+    mean/rstd for its backward, and a row of 1000s and 1004s (mean 1002, between two bfloat16 values) would get
+    a dweight off by ~100%."""
+    n = 64
+    x = torch.tensor([1000.0] * (n // 2) + [1004.0] * (n // 2)).view(1, n).repeat(3, 1)
+    x[2] = torch.randn(n)
+    x = x.to(dtype)
+    w, b = torch.rand(n).add(0.5).to(dtype), torch.randn(n).to(dtype)
+    with torch.no_grad():
+        y_fast = fusednorm.layer_norm(x, w, b)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fusednorm.layer_norm(xg, wg, b)
+    assert torch.equal(y_fast, y.detach())
+    assert torch.equal(y_fast, torch.layer_norm(x, (n,), w.float(), b.float(), 1e-5))
+    dy = torch.randn(3, n).to(dtype)
+    y.backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    torch.layer_norm(x64, (n,), w64, b.double(), 1e-5).backward(dy.double())
+    assert (wg.grad.double() - w64.grad).abs().max() <= 0.02 * w64.grad.abs().max()
+    assert (xg.grad.double() - x64.grad).abs().max() <= 0.02 * x64.grad.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_16bit_rms_norm_kernel_is_the_float32_one_rounded(dtype, weighted):
+    """ATen's fused RMSNorm over 16-bit h (weight of h's dtype, or none) computes in float32: y is the float32
+    kernel's y rounded once, bit for bit, and rstd is the same float32 rstd (cpu_path._rms_forward relies on
+    it)."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((4, 64), (3, 7), (33, 1031)):
+        h = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+        w = torch.randn(shape[-1], generator=gen).to(dtype) if weighted else None
+        y, rstd = cpu_path._rms_forward(h, w, 1e-6, False, with_rstd=True)
+        y32, rstd32 = cpu_path._rms_forward(h, w, 1e-6, True, with_rstd=True)
+        assert y.dtype == dtype and torch.equal(y, y32.to(dtype)) and torch.equal(rstd, rstd32)
+
+
+def test_specialize_is_call_for_one_signature():
+    """``specialize`` returns one cached function per signature, which computes what ``call`` does."""
+    variant = Variant(has_residual=True, has_bias=True)
+    x, r, w, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)
+    run = cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
+    assert run is cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
+    assert torch.equal(run(x, r, w, b, None), cpu_path.call(variant, x, r, w, b, None, 1e-5, 1.0, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_a_16bit_constant_scale_without_grad(dtype):
+    """Inference with a constant scale over 16-bit x: _PreNormSum's sum without the Function (compiled for
+    bfloat16: the backend's h bit for bit; torch ops for float16); y as in training."""
+    gen = torch.Generator().manual_seed(11)
+    x, r = (torch.randn(6, 40, generator=gen).to(dtype) for _ in range(2))
+    w, b = torch.randn(40, generator=gen).to(dtype), torch.randn(40, generator=gen).to(dtype)
+    with torch.no_grad():
+        y = fusednorm.add_layer_norm(x, r, w, b, residual_scale=0.7071067811865476)
+    y_train = fusednorm.add_layer_norm(x.requires_grad_(), r, w, b, residual_scale=0.7071067811865476)
+    torch.testing.assert_close(y, y_train.detach(), rtol=1e-2, atol=3e-2)
+    if dtype == BF16 and dropout._philox_cpu is not None:
+        h = cpu_path._pre_norm_sum_torch(x.detach(), r, None, None, 0.0, 0.7071067811865476, dtype)
+        assert torch.equal(y, torch.layer_norm(h, (40,), w, b, 1e-5))
+
+
+@pytest.mark.parametrize("shape", [(), (24,)], ids=["0-d", "vector"])
+def test_a_16bit_learned_scale_beside_float32_x(shape):
+    """float32 x and residual with a bfloat16 scale: ATen's float32 addcmul (the scale promoted exactly); ds in
+    the scale's dtype, dx / dresidual / ds as the Function path's to within ds's rounding to bfloat16."""
+    gen = torch.Generator().manual_seed(13)
+
+    def grads(direct: bool):
+        x, r = (torch.randn(5, 24, generator=torch.Generator().manual_seed(i)).requires_grad_() for i in (1, 2))
+        s = (torch.rand(shape, generator=torch.Generator().manual_seed(3)) + 0.5).bfloat16().requires_grad_()
+        with contextlib.nullcontext() if direct else cpu_path.disabled():
+            y = fusednorm.add_layer_norm(x, r, w, b, residual_scale=s)
+        assert (_sum_op(y) == "AddcmulBackward0") == direct
+        y.backward(dy)
+        return x.grad, r.grad, s.grad
+
+    w, b, dy = torch.randn(24, generator=gen), torch.randn(24, generator=gen), torch.randn(5, 24, generator=gen)
+    got, want = grads(True), grads(False)
+    assert got[2].dtype == torch.bfloat16 and got[2].shape == shape
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=2**-7, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fusednorm.LayerNorm(8), lambda: fusednorm.RMSNorm(8),
+    lambda: fusednorm.AddLayerNorm(8, residual_scale="vector"), lambda: fusednorm.AddRMSNorm(8, prenorm=True)],
+    ids=["LayerNorm", "RMSNorm", "AddLayerNorm(vector)", "AddRMSNorm(prenorm)"])
+def test_modules_take_the_cpu_path(make):
+    """A module's weight is an nn.Parameter: its calls take the CPU path as plain tensors' do (they once ran the
+    torch backend's autograd Function, 2x torch.nn's time), and agree with the Function path."""
+    module = make()
+    x, r = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    args = (x,) if isinstance(module, torch.nn.LayerNorm | torch.nn.RMSNorm) else (x, r)
+    out = module(*args)
+    y = out[0] if isinstance(out, tuple) else out
+    assert y.grad_fn is not None and not type(y.grad_fn).__name__.startswith("_Norm"), type(y.grad_fn).__name__
+    with cpu_path.disabled():
+        expected = module(*args)
+        assert type((expected[0] if isinstance(expected, tuple) else expected).grad_fn).__name__.startswith("_Norm")
+    torch.testing.assert_close(out, expected)

@@ -9,21 +9,25 @@ from fusednorm import _plan, cpu_path
 
 @pytest.fixture
 def direct(monkeypatch):
-    """cpu_path.usable says yes to every call it is asked about; cpu_path.call records its arguments."""
+    """cpu_path.usable says yes to every call it is asked about; the functions of cpu_path.specialize record
+    their arguments with the signature they were made for."""
     calls, asked = [], []
 
     def usable(*args):
         asked.append(args)
         return True
 
-    def call(variant, x, residual, weight, bias, residual_scale, eps, scale_value, dropout_p):
-        calls.append(dict(variant=variant, x=x, residual=residual, weight=weight, bias=bias,
-                          residual_scale=residual_scale, eps=eps, scale_value=scale_value, dropout_p=dropout_p))
-        y = torch.full_like(x, 7.0)
-        return (y, y + 1) if variant.prenorm else y
+    def specialize(variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, scale_dtype, eps, scale_value,
+                   dropout_p, weight_offset=0.0):
+        def run(x, residual, weight, bias, residual_scale):
+            calls.append(dict(variant=variant, x=x, residual=residual, weight=weight, bias=bias,
+                              residual_scale=residual_scale, eps=eps, scale_value=scale_value, dropout_p=dropout_p))
+            y = torch.full_like(x, 7.0)
+            return (y, y + 1) if variant.prenorm else y
+        return run
 
     monkeypatch.setattr(cpu_path, "usable", usable)
-    monkeypatch.setattr(cpu_path, "call", call)
+    monkeypatch.setattr(cpu_path, "specialize", specialize)
     _plan.clear()
     yield calls, asked
     _plan.clear()

@@ -60,7 +60,9 @@ def _fusednorm_nodes(program) -> list:
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
-def test_exported_program_trains_like_eager(rms, strict):
+def test_exported_program_trains_like_eager(rms, strict, torch_function_path):
+    # torch_function_path: eager through the backend the exported op runs (the CPU path agrees within DESIGN
+    # section 6, not bit for bit)
     module = _Block(rms)
     names = [n for n, _ in module.named_parameters()]
     x, residual = _inputs()

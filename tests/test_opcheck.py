@@ -69,9 +69,9 @@ def _arguments(case: Case, backend: str, monkeypatch) -> tuple[tuple, tuple]:
     recorded = {}
 
     def recording(name, real):
-        def record(variant, args, backend):
+        def record(variant, args, backend, *impl):  # forward's impl: the plan's backend module, if any
             recorded[name] = _flat(FWD if name == "fwd" else BWD, variant, args, backend)
-            return real(variant, args, backend)
+            return real(variant, args, backend, *impl)
         return record
 
     with monkeypatch.context() as patch:  # undoes these two only (not the torch_function_path fixture)

@@ -126,13 +126,13 @@ def test_opcheck_with_parameters_of_other_dtypes(target, monkeypatch):
     recorded = {}
 
     def recording(name, real):
-        def record(variant, args, backend_name):
+        def record(variant, args, backend_name, *impl):  # forward's impl: the plan's backend module, if any
             values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
             values |= {"variant": variant.flags, "backend": backend_name}
             op = OPS[name]
             recorded[name] = tuple(values[a.name].detach() if isinstance(values[a.name], torch.Tensor)
                                    else values[a.name] for a in op._schema.arguments)
-            return real(variant, args, backend_name)
+            return real(variant, args, backend_name, *impl)
         return record
 
     case = Case("add_layer_norm[vector,prenorm]", (5, 12), F16, BF16)

@@ -316,7 +316,9 @@ def test_monitor_records_match_float64_statistics_of_the_module_inputs(backend):
     assert records[1].rms_stream == 0.0 and records[1].beta == pytest.approx(1.0)  # Pre-LN's first call: h = f
 
 
-def test_monitor_cost_is_nothing_when_inactive_and_hooks_are_removed():
+def test_monitor_cost_is_nothing_when_inactive_and_hooks_are_removed(torch_function_path):
+    # torch_function_path: every call through fusednorm::fwd, whose flags the mode reads (the CPU path's
+    # unmonitored calls would run ATen's ops instead)
     model = Net()
     seen = []
 
