@@ -208,7 +208,6 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
     # casts. Other dtype mixes are cast on every call (ATen takes the parameters in one dtype).
     cast_only_for_backward = p_dtype is not None and same
     ones_weight = not is_rms and weight_dtype is None and p_dtype is not None and h_dtype != _F32
-    ones_by_width: dict[int, Tensor] = {}  # read by ATen, never written; nothing asks for their gradient
     # RMSNorm: ATen's fused kernel over 16-bit h with a weight of h's dtype computes in float32 and rounds y once,
     # as over the float32 h (tests/test_cpu_path.py); other dtype mixes go in as float32.
     rms_in_f32 = is_rms and h_dtype != _F32 and p_dtype is not None
@@ -244,10 +243,8 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
                 weight = weight.float()
             if bias is not None:
                 bias = bias.float()
-            if ones_weight:
-                weight = ones_by_width.get(h.shape[-1])
-                if weight is None:
-                    weight = ones_by_width[h.shape[-1]] = torch.ones(h.shape[-1], dtype=_F32)
+            if ones_weight:  # made per call, on h's device: a cached one would keep the device or fake-tensor
+                weight = torch.ones(h.shape[-1], dtype=_F32, device=h.device)  # mode of the call that made it
         if is_rms:
             if grad:
                 y = _RMSNorm.apply(h, weight, eps, rms_in_f32)
@@ -288,15 +285,15 @@ class _PreNormSum(torch.autograd.Function):
     """h = residual * s + dropout(x), computed in float32 as the torch backend does and rounded once to h's
     dtype: in compiled code (``fusednorm._philox_cpu.pre_norm_sum``, one pass, no float32 temporaries) for
     float32/bfloat16 tensors, else with torch ops. Saves the residual only for a learned scale (ds reads it),
-    and keeps the dropout seed (its own (1,) tensor, never written), never a mask."""
+    and the dropout seed, never a mask. The seed goes through save_for_backward like the rest: activation
+    checkpointing replaces it with the recomputed forward's (preserve_rng_state=False draws a new one), so the
+    mask of dx stays the mask of the h the norm's backward sees."""
 
     @staticmethod
     def forward(ctx, x, residual, scale, seed, spec):
         h = _pre_norm_sum(x, residual, scale, seed, spec)
-        ctx.learned = scale is not None
-        if scale is not None:
-            ctx.save_for_backward(residual, scale)
-        ctx.seed, ctx.spec = seed, spec
+        ctx.save_for_backward(residual if scale is not None else None, scale, seed)
+        ctx.spec = spec
         return h
 
     @staticmethod
@@ -305,8 +302,8 @@ class _PreNormSum(torch.autograd.Function):
 
     @staticmethod
     def _gradients(ctx, dh):
-        seed, spec = ctx.seed, ctx.spec
-        residual, scale = ctx.saved_tensors if ctx.learned else (None, None)
+        residual, scale, seed = ctx.saved_tensors
+        spec = ctx.spec
         p, scale_value, _, x_dtype, residual_dtype, codes, threshold, inv_keep = spec
         needs = ctx.needs_input_grad
         # Products of dh (h's dtype) with Python scalars round once to dh's dtype, as in float32 then rounded.
@@ -319,7 +316,7 @@ class _PreNormSum(torch.autograd.Function):
             else:
                 keep = dropout_keep_mask(seed, dh.numel() // dh.shape[-1], dh.shape[-1], p).view(dh.shape)
                 # where(), not a product: 0 at a dropped position even where dh is NaN, as the backend gives.
-                dx = torch.where(keep, dh * inv_keep, torch.zeros((), dtype=dh.dtype))
+                dx = torch.where(keep, dh * inv_keep, torch.zeros((), dtype=dh.dtype, device=dh.device))
         if dx is None:
             dx = dh
         if dx.dtype != x_dtype:
@@ -407,7 +404,7 @@ def _scale_backward_compiled(dh, residual, scale, wants_dresidual: bool) -> tupl
     scale_f32 = scale.to(torch.float32).contiguous()
     cols = dh.shape[-1]
     dresidual = torch.empty_like(residual) if wants_dresidual else None
-    per_column = torch.zeros(cols, dtype=torch.float32)
+    per_column = torch.zeros(cols, dtype=torch.float32, device=dh.device)
     module.scale_backward(dh.data_ptr(), codes[0], residual.data_ptr(), codes[1], scale_f32.data_ptr(),
                           scale_f32.numel(), dh.numel() // cols, cols,
                           dresidual.data_ptr() if dresidual is not None else 0, codes[1], per_column.data_ptr())

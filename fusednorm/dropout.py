@@ -78,7 +78,7 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> tor
     """
     if _philox_cpu is not None and type(seed) is torch.Tensor and seed.device.type == "cpu":
         # A CPU seed is read on the host without a device sync; a fake or traced seed never gets here.
-        keep = torch.empty((rows, cols), dtype=torch.bool)
+        keep = torch.empty((rows, cols), dtype=torch.bool, device=seed.device)
         _philox_cpu.keep_mask(int(seed.reshape(())), 0, rows * cols, keep_threshold(p), keep.data_ptr())
         return keep
     index = torch.arange(rows * cols, dtype=torch.int64, device=seed.device).reshape(rows, cols)

@@ -428,3 +428,42 @@ def test_modules_take_the_cpu_path(make):
         expected = module(*args)
         assert type((expected[0] if isinstance(expected, tuple) else expected).grad_fn).__name__.startswith("_Norm")
     torch.testing.assert_close(out, expected)
+
+
+def test_a_parameterless_16bit_layer_norm_after_a_call_in_another_device_context():
+    """The float32 ones weight of a parameterless 16-bit LayerNorm with a backward is made per call on h's
+    device: one made under ``torch.device("meta")`` once stayed cached and broke every later CPU call."""
+    x = torch.randn(4, 48, dtype=BF16, requires_grad=True)
+    with torch.device("meta"):
+        inside = fusednorm.layer_norm(x)
+    assert inside.device.type == "cpu"
+    y = fusednorm.layer_norm(x)
+    y.float().sum().backward()
+    with cpu_path.disabled():
+        expected = fusednorm.layer_norm(x.detach())
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=0)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_dropout_under_checkpoint_without_rng_state_uses_the_recomputed_mask():
+    """Non-reentrant checkpointing with preserve_rng_state=False recomputes the forward with a new seed: the seed
+    is a saved tensor, so the backward's mask is the recomputed h's (as torch's own dropout), not the first one."""
+    from torch.utils.checkpoint import checkpoint
+
+    w, b = torch.randn(16), torch.randn(16)
+    x0, r0 = torch.randn(6, 16), torch.randn(6, 16)
+
+    def f(x, r):
+        return fusednorm.add_layer_norm(x, r, w, b, dropout_p=0.5)
+
+    def grads(run):
+        x, r = x0.clone().requires_grad_(True), r0.clone().requires_grad_(True)
+        run(x, r).sum().backward()
+        return x.grad
+
+    torch.manual_seed(0)
+    checkpointed = grads(lambda x, r: checkpoint(f, x, r, use_reentrant=False, preserve_rng_state=False))
+    torch.manual_seed(0)
+    f(x0, r0)  # the first forward's draw; the recomputation draws the next seed
+    recomputed = grads(f)
+    assert torch.equal(checkpointed, recomputed)
