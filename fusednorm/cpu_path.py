@@ -3,9 +3,8 @@ torch backend computes.
 
 On the CPU there is no fused kernel: the "torch" backend is a reference written for clarity. For the calls
 that ATen's composed ops compute with the same roundings, the eager layer (``fusednorm.functional``) runs the
-function ``specialize`` made for the call's signature (kept in its plan, ``fusednorm._plan``; ``call`` is the
-same computation looked up per call) instead of the autograd Function, so a CPU model costs what torch.nn's own
-modules cost:
+function ``specialize`` made for the call's signature (kept in its plan, ``fusednorm._plan``) instead of the
+autograd Function, so a CPU model costs what torch.nn's own modules cost:
 
 - h = residual * s + dropout(x), without dropout: ``x + residual`` (ATen rounds the float32 sum once to h's
   dtype, as the backend does); with a scale, ``torch.add(x, residual, alpha=s)`` / ``torch.addcmul(x, residual,
@@ -23,7 +22,7 @@ modules cost:
   kernel keeps float32 statistics for it (see ``_build``).
 
 Each call signature's decisions are taken once: ``specialize`` returns a function for one signature that runs
-only the ops; ``call`` looks it up per call.
+only the ops.
 
 What differs from the Function path, within DESIGN section 6 (tests/test_correctness.py's "cpu-path" target):
 where the backend normalizes an h it does not store (a learned scale in the Post-LN layout, dropout without a
@@ -94,9 +93,9 @@ def disabled() -> Iterator[None]:
 
 def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
            bias: Tensor | None, residual_scale: float | Tensor | None, weight_offset: float) -> bool:
-    """True when ``call`` computes this call exactly as the torch backend would (eager, plain CPU tensors or
-    module parameters, backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes and the
-    Variant."""
+    """True when ``specialize``'s function computes this call as the torch backend would (eager, plain CPU
+    tensors or module parameters, backend "torch", no telemetry). Depends only on types, dtypes, devices, shapes
+    and the Variant."""
     if not _enabled or backend != "torch" or variant.store_stats:
         return False
     tensors = [t for t in (x, residual, weight, bias, residual_scale) if isinstance(t, Tensor)]
@@ -112,37 +111,20 @@ def usable(variant: Variant, backend: str, x: Tensor, residual: Tensor | None, w
     return x.shape[-1] > 1 and (LAYER_NORM_16BIT_ON_ATEN or variant.h_dtype(x.dtype) == torch.float32)
 
 
-def call(variant: Variant, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
-         residual_scale: float | Tensor | None, eps: float, scale_value: float, dropout_p: float,
-         weight_offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
-    """y, or (y, h) for a Pre-LN variant, in x's shape, differentiable by autograd (x, residual: (..., N) as
-    the caller gave them; weight, bias: (N,); residual_scale: as given). y in x's dtype; h in
-    ``variant.h_dtype(x.dtype)``; each gradient in its input's dtype. The affine weight is
-    (weight + weight_offset), summed in float32 (Gemma's (1 + w)).
-
-    The same as ``specialize(...)(x, residual, weight, bias, residual_scale)``, with the specialized function
-    looked up per call here: a caller that keeps it (per call signature) saves that look-up."""
-    key = (variant, x.dtype, None if residual is None else residual.dtype, None if weight is None else weight.dtype,
-           None if bias is None else bias.dtype,
-           residual_scale.dtype if isinstance(residual_scale, Tensor) else None, eps, scale_value, dropout_p,
-           weight_offset)
-    run = _SPECIALIZED.get(key)
-    if run is None:
-        run = specialize(*key)
-    return run(x, residual, weight, bias, residual_scale)
-
-
 def specialize(variant: Variant, x_dtype: torch.dtype, residual_dtype: torch.dtype | None,
                weight_dtype: torch.dtype | None, bias_dtype: torch.dtype | None, scale_dtype: torch.dtype | None,
                eps: float, scale_value: float, dropout_p: float, weight_offset: float = 0.0
                ) -> Callable[[Tensor, Tensor | None, Tensor | None, Tensor | None, float | Tensor | None],
                              Tensor | tuple[Tensor, Tensor]]:
-    """``call`` for one call signature, as a function ``run(x, residual, weight, bias, residual_scale)``
-    (the arguments as ``call`` takes them), with every decision that the signature fixes taken here, once:
-    per call it runs only the ops. The signature: the Variant, the dtypes of x / residual / weight / bias /
-    a tensor residual_scale (None where absent or a Python number), eps, scale_value, dropout_p and
-    weight_offset as ``call`` takes them; the shapes are not part of it. Valid for calls that ``usable``
-    accepts with those facts. Cached here (the same function for the same signature)."""
+    """The CPU path for one call signature: a function ``run(x, residual, weight, bias, residual_scale)`` that
+    returns y, or (y, h) for a Pre-LN variant, in x's shape, differentiable by autograd (x, residual: (..., N) as
+    the caller gave them; weight, bias: (N,); residual_scale: as given). y in x's dtype; h in
+    ``variant.h_dtype(x.dtype)``; each gradient in its input's dtype; the affine weight is (weight + weight_offset),
+    summed in float32 (Gemma's (1 + w)). Every decision that the signature fixes is taken here, once: per call
+    ``run`` runs only the ops. The signature: the Variant, the dtypes of x / residual / weight / bias / a tensor
+    residual_scale (None where absent or a Python number), eps, scale_value (the constant scale, 1.0 for none),
+    dropout_p and weight_offset; the shapes are not part of it. Valid for calls that ``usable`` accepts with those
+    facts. Cached here (the same function for the same signature)."""
     key = (variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, scale_dtype, eps, scale_value, dropout_p,
            weight_offset)
     run = _SPECIALIZED.get(key)

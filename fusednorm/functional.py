@@ -86,7 +86,7 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
     if torch.compiler.is_compiling():
         return _traced_call(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
-    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline: every call runs it
+    if torch._C._functorch.maybe_current_level() is not None:  # inside a torch.func transform
         raise RuntimeError(FUNCTORCH_MESSAGE)
     plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                         weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
@@ -180,7 +180,7 @@ def _ordered(ctx, grads: tuple) -> tuple:
 def _not_differentiable_again(grads: tuple) -> tuple:
     """With create_graph=True, gradients whose own backward raises a clear error: the backward kernels have
     no derivative (the torch backend's ops would otherwise record a partial, wrong one)."""
-    if torch._C._functorch.maybe_current_level() is not None:  # _eager_checks(), inline
+    if torch._C._functorch.maybe_current_level() is not None:  # inside a torch.func transform
         raise RuntimeError(FUNCTORCH_MESSAGE)
     if not torch.is_grad_enabled():
         return grads
@@ -292,12 +292,6 @@ class AddRMSNormFunction(torch.autograd.Function):
 FUNCTORCH_MESSAGE = ("fusednorm does not support torch.func transforms (vmap, grad, jacrev, jvp, ...): its autograd "
                      "Functions save intermediate row statistics, which these transforms cannot wrap. Call fusednorm "
                      "outside the transform, or use torch.nn.functional.layer_norm / rms_norm inside it")
-
-
-def _eager_checks() -> None:
-    """Raise a clear error inside a torch.func transform (autograd's own says to 'override setup_context')."""
-    if torch._C._functorch.maybe_current_level() is not None:
-        raise RuntimeError(FUNCTORCH_MESSAGE)
 
 
 def _rms_eps(eps, x):

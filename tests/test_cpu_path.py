@@ -363,13 +363,14 @@ def test_16bit_rms_norm_kernel_is_the_float32_one_rounded(dtype, weighted):
         assert y.dtype == dtype and torch.equal(y, y32.to(dtype)) and torch.equal(rstd, rstd32)
 
 
-def test_specialize_is_call_for_one_signature():
-    """``specialize`` returns one cached function per signature, which computes what ``call`` does."""
+def test_specialize_makes_one_function_per_signature():
+    """``specialize`` returns one cached function per signature; it computes what the public call does."""
     variant = Variant(has_residual=True, has_bias=True)
     x, r, w, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8), torch.randn(8)
     run = cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
     assert run is cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-5, 1.0, 0.0)
-    assert torch.equal(run(x, r, w, b, None), cpu_path.call(variant, x, r, w, b, None, 1e-5, 1.0, 0.0))
+    assert run is not cpu_path.specialize(variant, F32, F32, F32, F32, None, 1e-6, 1.0, 0.0)
+    assert torch.equal(run(x, r, w, b, None), fusednorm.add_layer_norm(x, r, w, b, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
