@@ -48,13 +48,20 @@ class Plan(NamedTuple):
     # The backend module an eager forward on plain tensors calls directly (ops.forward's eager path, decided
     # once here); None for traced calls, tensor subclasses and meta tensors: these go through fusednorm::fwd.
     impl: ModuleType | None
+    # x (and the residual) are (M, N) rows with unit stride along N, and the (N,) parameters (and a learned
+    # scale) are contiguous: the backend takes them as given, nothing to check or view per call. Decided for
+    # eager calls only: a cached plan serves only tensors of the same sizes and strides (``_facts_check``).
+    as_given: bool
 
 
 SAVED_ORDER = ("x", "residual", "h", "weight", "residual_scale", "mean", "rstd", "seed")  # see Plan.pick_saved
 
-# Eager calls repeat the same signature: its checks and Variant are computed once.
-_PLANS: dict[tuple, Plan] = {}
+# Eager calls repeat the same signature: its checks and Variant are computed once. Key (see ``lookup``): the
+# scalars, the tensors' types and x's shape; value: (check of the tensors' facts, plan) pairs, newest last.
+_PLANS: dict[tuple, list[tuple[Callable[..., bool], Plan]]] = {}
 _MAX_PLANS = 4096
+_MAX_PLANS_PER_KEY = 8  # e.g. the same call with and without requires_grad, under autocast or inference_mode
+_NO_TENSOR = torch.empty(0)  # stands for an absent tensor argument in a facts check (which takes tensors only)
 
 
 def clear() -> None:
@@ -111,7 +118,15 @@ def checked(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropou
                 bias.dtype if bias is not None else None, x.dtype, direct,
                 variant.learned_scale, variant.dresidual_is_dx,
                 x.shape, x.dim() == 2, pick_saved,
-                unpack_saved, backends.implementation(name) if eager else None)
+                unpack_saved, backends.implementation(name) if eager else None,
+                not compiling and _as_rows(x) and (residual is None or _as_rows(residual))
+                and all(t is None or t.is_contiguous() for t in (weight, bias))
+                and (not variant.learned_scale or residual_scale.is_contiguous()))
+
+
+def _as_rows(t: Tensor) -> bool:
+    """Whether functional._rows(t) is t itself: 2-d with unit stride along N (or contiguous: N == 1)."""
+    return t.dim() == 2 and (t.stride(-1) == 1 or t.is_contiguous())
 
 
 def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
@@ -120,35 +135,123 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
 
     The signature holds everything the checks and the plan depend on; a call that is not a plain eager one
     (x not a plain tensor, unhashable arguments) gets the full checks, which raise with their exact messages
-    if something is off. Each tensor goes in by its facts (type, dtype, device, shape; x's layout too), never
-    by identity: a module's parameter can change dtype or device in place (module.to()). Python scalars go
-    in with their types: True == 1 == 1.0 as keys, but the checks treat them differently. One flat tuple,
-    built inline: each fact costs a fraction of a microsecond, and this runs on every eager call."""
-    key = None
-    if not compiling and type(x) is Tensor:
+    if something is off. Each tensor goes in by its facts, never by identity: a module's parameter can change
+    dtype or device in place (module.to()). Python scalars go in with their types: True == 1 == 1.0 as keys,
+    but the checks treat them differently.
+
+    The facts are split in two, because reading them is what costs (each tensor attribute read builds a Python
+    object, ~50 ns): the dict key holds the scalars, the tensors' Python types and x's shape; the tensors'
+    dtypes, devices, sizes and layouts are compared by one check per cached plan (``_facts_check``: one C++ call
+    for all of them, where available)."""
+    if compiling:
+        return checked(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
+                       weight_offset, backend, store_stats, compiling)
+    if (residual is None and residual_scale is None and type(dropout_p) is float and not dropout_p
+            and prenorm is False and residual_in_fp32 is False):  # an add_* call without a residual: a norm's
+        return lookup_norm(is_rms, x, weight, bias, eps, weight_offset, backend, store_stats)
+    key = facts = None
+    if type(x) is Tensor:
         try:
-            key = (is_rms, x.layout, x.dtype, x.device, x.shape, eps, type(eps), weight_offset, type(weight_offset),
-                   backend, backends._global_backend, store_stats,
-                   None if weight is None else (type(weight), weight.dtype, weight.device, weight.shape),
-                   None if bias is None else (type(bias), bias.dtype, bias.device, bias.shape))
-            if (residual is not None or residual_scale is not None or type(dropout_p) is not float or dropout_p
-                    or prenorm is not False or residual_in_fp32 is not False):  # add_*; others pass None, 0.0, False
-                key += (dropout_p, type(dropout_p), prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32),
-                        None if residual is None else (type(residual), residual.dtype, residual.device, residual.shape),
-                        (type(residual_scale), residual_scale.dtype, residual_scale.device, residual_scale.shape)
-                        if isinstance(residual_scale, Tensor) else ("scale", type(residual_scale), residual_scale))
-            plan = _PLANS.get(key)
+            # isinstance(_, Tensor) runs torch's metaclass check in Python (~90 ns): None and floats skip it
+            scale_is_tensor = (residual_scale is not None and type(residual_scale) is not float
+                               and isinstance(residual_scale, Tensor))
+            key = (is_rms, x.shape, eps, type(eps), weight_offset, type(weight_offset), backend,
+                   backends._global_backend, store_stats, type(weight), type(bias), dropout_p, type(dropout_p),
+                   prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32), type(residual),
+                   type(residual_scale), None if scale_is_tensor else residual_scale)
+            facts = (x, _NO_TENSOR if residual is None else residual, _NO_TENSOR if weight is None else weight,
+                     _NO_TENSOR if bias is None else bias, residual_scale if scale_is_tensor else _NO_TENSOR)
+            for same_facts, plan in _PLANS.get(key, ()):
+                if same_facts(*facts):
+                    return plan
         except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: checks say
-            key = plan = None
-        if plan is not None:
-            return plan
+            key = None
+    return _checked_and_cached(key, facts, is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p,
+                               prenorm, residual_in_fp32, weight_offset, backend, store_stats)
+
+
+def lookup_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend: str | None, store_stats: bool) -> Plan:
+    """``lookup`` of an eager call without a residual, scale or dropout (layer_norm / rms_norm): fewer
+    arguments and conditions on the most frequent call."""
+    key = facts = None
+    if type(x) is Tensor:
+        try:
+            key = (is_rms, x.shape, eps, type(eps), weight_offset, type(weight_offset), backend,
+                   backends._global_backend, store_stats, type(weight), type(bias))
+            facts = (x, _NO_TENSOR if weight is None else weight, _NO_TENSOR if bias is None else bias)
+            for same_facts, plan in _PLANS.get(key, ()):
+                if same_facts(*facts):
+                    return plan
+        except (TypeError, AttributeError, IndexError, RuntimeError):  # unhashable, not a tensor, nested: checks say
+            key = None
+    return _checked_and_cached(key, facts, is_rms, x, None, weight, bias, eps, None, 0.0, False, False,
+                               weight_offset, backend, store_stats)
+
+
+def _checked_and_cached(key, facts, is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
+                        residual_in_fp32, weight_offset, backend, store_stats) -> Plan:
+    """The checked plan of an eager call that missed the cache, cached under ``key`` (None: not cacheable)
+    with the check of its tensors' ``facts``."""
     plan = checked(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
-                   weight_offset, backend, store_stats, compiling)
-    if key is not None:
+                   weight_offset, backend, store_stats, False)
+    same_facts = _facts_check(facts) if key is not None else None
+    if same_facts is not None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        _PLANS[key] = plan
+        entries = _PLANS.setdefault(key, [])
+        if len(entries) >= _MAX_PLANS_PER_KEY:
+            del entries[0]
+        entries.append((same_facts, plan))
     return plan
+
+
+def _facts_check(tensors: tuple[Tensor, ...]) -> Callable[..., bool] | None:
+    """``check(*others) -> bool``: whether ``others`` (as many tensors, in the same order) have the facts of
+    ``tensors`` that a plan depends on: dtype, device, sizes, strides and layout. With torch's C++ tensor
+    guard (``torch._C._dynamo.guards.TensorGuards``, what torch.compile checks its graphs' inputs with:
+    dispatch keys, which hold the device type and layout, device index, dtype, sizes, strides, requires_grad)
+    one call checks all of them at about the cost of reading two tensor attributes in Python. That is a
+    private API: it is used only when ``_tensor_guards_work()`` passed at import, else the facts are read
+    and compared in Python. None when neither can describe the tensors."""
+    if _TensorGuards is not None:
+        try:
+            return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                 dynamic_dims_strides=[list(t.stride()) for t in tensors]).check
+        except (TypeError, RuntimeError, ValueError):
+            pass
+    try:
+        expected = _facts(tensors)
+    except (TypeError, AttributeError, RuntimeError):
+        return None
+    return lambda *others: _facts(others) == expected
+
+
+def _facts(tensors: tuple[Tensor, ...]) -> tuple:
+    return tuple((t.dtype, t.device, t.shape, t.layout, t.stride() if t.layout == torch.strided else None)
+                 for t in tensors)
+
+
+def _tensor_guards_work() -> bool:
+    """Whether torch's tensor guard exists and tells apart everything ``_facts_check`` promises (checked once, at
+    import: a private API may change between torch versions)."""
+    try:
+        a = torch.zeros(2, 3)
+        check = _TensorGuards(a, dynamic_dims_sizes=[[2, 3]], dynamic_dims_strides=[[3, 1]]).check
+        return (check(torch.ones(2, 3)) and not check(torch.ones(3, 2).t()) and not check(torch.ones(2, 6)[:, ::2])
+                and not check(torch.ones(2, 4))
+                and not check(torch.ones(3, 2)) and not check(torch.ones(2, 3, 1))
+                and not check(torch.ones(2, 3, dtype=torch.float64)) and not check(torch.ones(2, 3, device="meta"))
+                and not check(torch.ones(2, 3).to_sparse()) and not check(torch.ones(2, 3, requires_grad=True)))
+    except Exception:  # noqa: BLE001 -- any failure means: do not use it
+        return False
+
+
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover -- torch builds without dynamo
+    _TensorGuards = None
+if _TensorGuards is not None and not _tensor_guards_work():
+    _TensorGuards = None
 
 
 def _dtype(t) -> torch.dtype | None:

@@ -26,6 +26,12 @@ from .variant import Variant
 
 ResidualScale = float | Tensor | None
 
+# The checks every eager call makes, bound once: each dotted lookup costs on the hot path (benchmarks/overhead.py).
+# torch.compile recognises these functions by identity, under any name.
+_is_compiling = torch.compiler.is_compiling
+_functorch_level = torch._C._functorch.maybe_current_level
+_grad_enabled = torch.is_grad_enabled
+
 # Telemetry hook (fusednorm.monitor; DESIGN section 7). While a monitor sets it around a module's call, the
 # forward asks the kernels for the row statistics (Variant.store_stats) and hands them to this callable:
 # sink(stats: (M, 8) float32, N). None (the default): nothing is asked or computed. Compiled regions never
@@ -43,15 +49,17 @@ def _rows(t: Tensor) -> Tensor:
 def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, residual_scale: ResidualScale) -> ForwardArgs:
     """The backend's arguments as (M, N) rows."""
+    seed = draw_seed(x.device) if plan.variant.has_dropout else None
+    if plan.as_given:  # the common eager call: nothing to view or copy (the plan checked the strides)
+        return ForwardArgs(x, residual, weight, bias, residual_scale if plan.learned_scale else None, seed,
+                           plan.eps, plan.scale_value, plan.dropout_p, plan.weight_offset)
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     return ForwardArgs(
-        x if plan.is_rows and x.is_contiguous() else _rows(x),
-        None if residual is None else residual if plan.is_rows and residual.is_contiguous() else _rows(residual),
+        _rows(x), None if residual is None else _rows(residual),
         weight.contiguous() if weight is not None else None, bias.contiguous() if bias is not None else None,
-        residual_scale.contiguous() if plan.learned_scale else None,
-        draw_seed(x.device) if plan.variant.has_dropout else None, plan.eps, plan.scale_value, plan.dropout_p,
-        plan.weight_offset)
+        residual_scale.contiguous() if plan.learned_scale else None, seed, plan.eps, plan.scale_value,
+        plan.dropout_p, plan.weight_offset)
 
 
 def _traced_call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
@@ -83,23 +91,40 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
     (nothing saved), or through the autograd Function ``_Norm``."""
     if is_rms and eps is None:
         eps = _rms_eps(eps, x)
-    if torch.compiler.is_compiling():
+    if _is_compiling():
         return _traced_call(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                             residual_in_fp32, weight_offset, backend)
-    if torch._C._functorch.maybe_current_level() is not None:  # inside a torch.func transform
+    if _functorch_level() is not None:  # inside a torch.func transform
         raise RuntimeError(FUNCTORCH_MESSAGE)
     plan = _plan.lookup(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                         weight_offset, backend, stats_sink.get() is not None, False)  # telemetry: a monitor is on
     direct = plan.direct
     if direct is not None:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
         return direct(x, residual, weight, bias, residual_scale)
-    if torch.is_grad_enabled():
+    if _grad_enabled():
         if residual is None:  # fewer arguments: each costs in apply
             return _NormNoResidual.apply(plan, x, weight, bias)
         if not plan.learned_scale:  # a constant scale is in the plan
             return _NormConstantScale.apply(plan, x, residual, weight, bias)
         return _Norm.apply(plan, x, residual, weight, bias, residual_scale)
     return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
+
+
+def _call_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend):
+    """``_call`` of layer_norm / rms_norm and their modules (no residual, scale or dropout): fewer arguments."""
+    if is_rms and eps is None:
+        eps = _rms_eps(eps, x)
+    if _is_compiling():
+        return _traced_call(is_rms, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    if _functorch_level() is not None:  # inside a torch.func transform
+        raise RuntimeError(FUNCTORCH_MESSAGE)
+    plan = _plan.lookup_norm(is_rms, x, weight, bias, eps, weight_offset, backend, stats_sink.get() is not None)
+    direct = plan.direct
+    if direct is not None:  # the CPU path (fusednorm.cpu_path): autograd records ATen's own ops
+        return direct(x, None, weight, bias, None)
+    if _grad_enabled():
+        return _NormNoResidual.apply(plan, x, weight, bias)
+    return _norm_forward(None, plan, x, None, weight, bias, None)
 
 
 def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
@@ -312,7 +337,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     Returns y: x's shape and dtype. backend: "auto", "torch", "triton", "cuda" or None (the global
     choice, see ``fusednorm.set_backend``). Raises TypeError/ValueError naming a bad argument.
     """
-    return _call(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
+    return _call_norm(False, x, weight, bias, eps, weight_offset, backend)
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, *, weight_offset: float = 0.0,
@@ -323,7 +348,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float | None = 1e-6, 
     16/32-bit x, float64's for float64 x).
     Returns y: x's shape and dtype.
     """
-    return _call(True, x, None, weight, None, eps, None, 0.0, False, False, weight_offset, backend)
+    return _call_norm(True, x, weight, None, eps, weight_offset, backend)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None = None,

@@ -93,7 +93,7 @@ def layer_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: 
     if autocast_norm_dtype(x) != x.dtype:  # CUDA autocast: torch casts input and parameters to float32
         rows = rows.float()
         weight, bias = (p.float() if p is not None else None for p in (weight, bias))
-    y = F._call(False, rows, None, weight, bias, eps, None, 0.0, False, False, weight_offset, None)  # layer_norm
+    y = F._call_norm(False, rows, weight, bias, eps, weight_offset, None)  # layer_norm
     return y if rows is x else _unflatten(y, x.shape)
 
 
@@ -109,7 +109,7 @@ def rms_norm_like_torch(x: Tensor, normalized_shape: tuple[int, ...], weight: Te
         weight = _flat(weight)
     if weight is not None and weight.dtype not in (rows.dtype, torch.float32):
         weight = weight.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
-    y = F._call(True, rows, None, weight, None, eps, None, 0.0, False, False, weight_offset, None)  # rms_norm
+    y = F._call_norm(True, rows, weight, None, eps, weight_offset, None)  # rms_norm
     return y if rows is x else _unflatten(y, x.shape)
 
 
@@ -151,7 +151,7 @@ class LayerNorm(nn.LayerNorm):
             weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
         if type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x):
             # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
-            return F._call(False, x, None, weight, bias, self.eps, None, 0.0, False, False, self.weight_offset, None)
+            return F._call_norm(False, x, weight, bias, self.eps, self.weight_offset, None)
         return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
@@ -183,7 +183,7 @@ class RMSNorm(nn.RMSNorm):
             weight = _parameter(self, "weight")
         if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x)
                 and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
-            return F._call(True, x, None, weight, None, self.eps, None, 0.0, False, False, self.weight_offset, None)
+            return F._call_norm(True, x, weight, None, self.eps, self.weight_offset, None)
         return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
 
     def extra_repr(self) -> str:
@@ -232,15 +232,21 @@ class _AddNorm(nn.Module):
         self.residual_scale_kind = residual_scale
         _set_weight_offset(self, weight_offset)
 
-    def _weight_bias_scale(self) -> tuple:
-        """(weight, bias, residual_scale: the learned Parameter or the constant) for the functional call."""
-        params = self._parameters  # read directly: see _parameter
+    _is_rms: bool  # AddRMSNorm's, else AddLayerNorm's
+
+    def forward(self, x: Tensor, residual: Tensor | None):
+        """F.add_layer_norm / F.add_rms_norm with this module's parameters and options; (y, h) when prenorm."""
+        params = self._parameters  # read directly: see _parameter (AddRMSNorm's bias is None)
         weight, bias, scale = (params.get("weight", _MISSING), params.get("bias", _MISSING),
                                params.get("residual_scale", _MISSING))
         if weight is _MISSING or bias is _MISSING or scale is _MISSING:
             weight, bias, scale = (_parameter(self, "weight"), _parameter(self, "bias"),
                                    _parameter(self, "residual_scale"))
-        return weight, bias, scale if scale is not None else self.scale_constant
+        # positionally: keyword arguments cost on every call
+        return F._call(self._is_rms, x, residual, weight, bias, self.eps,
+                       scale if scale is not None else self.scale_constant,
+                       self.dropout_p if self.training else 0.0, self.prenorm, self.residual_in_fp32,
+                       self.weight_offset, None)
 
     def extra_repr(self) -> str:
         return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
@@ -257,29 +263,22 @@ class AddLayerNorm(_AddNorm):
     cast (see the module docstring).
     """
 
+    _is_rms = False
+
     def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, residual_scale=None, dropout_p: float = 0.0,
                  prenorm: bool = False, residual_in_fp32: bool = False, weight_offset: float = 0.0):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, residual_scale, dropout_p, prenorm,
                          residual_in_fp32, device, dtype, weight_offset)
 
-    def forward(self, x: Tensor, residual: Tensor | None):
-        # F.add_layer_norm's call, positionally (keyword arguments cost on every call)
-        weight, bias, scale = self._weight_bias_scale()
-        return F._call(False, x, residual, weight, bias, self.eps, scale, self.dropout_p if self.training else 0.0,
-                       self.prenorm, self.residual_in_fp32, self.weight_offset, None)
-
 
 class AddRMSNorm(_AddNorm):
     """y = RMSNorm(residual * s + dropout(x)); options as AddLayerNorm. Keys: weight, residual_scale."""
+
+    _is_rms = True
 
     def __init__(self, normalized_shape: int, eps: float | None = None, elementwise_affine: bool = True,
                  device=None, dtype=None, *, residual_scale=None, dropout_p: float = 0.0, prenorm: bool = False,
                  residual_in_fp32: bool = False, weight_offset: float = 0.0):
         super().__init__(normalized_shape, eps, elementwise_affine, False, residual_scale, dropout_p, prenorm,
                          residual_in_fp32, device, dtype, weight_offset)
-
-    def forward(self, x: Tensor, residual: Tensor | None):
-        weight, _, scale = self._weight_bias_scale()  # F.add_rms_norm's call, positionally
-        return F._call(True, x, residual, weight, None, self.eps, scale, self.dropout_p if self.training else 0.0,
-                       self.prenorm, self.residual_in_fp32, self.weight_offset, None)

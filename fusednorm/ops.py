@@ -40,6 +40,8 @@ from .backends.contract import (
 )
 from .variant import Variant
 
+_dispatch_modes = torch._C._len_torch_dispatch_stack  # active TorchDispatchModes; bound once (eager hot path)
+
 
 @torch.library.custom_op("fusednorm::fwd", mutates_args=())
 def fwd(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -149,7 +151,7 @@ def forward(variant: Variant, args: ForwardArgs, backend: str, impl: ModuleType 
     """One forward: the backend directly in eager mode (``backend`` resolved), else ``fusednorm::fwd``.
     ``impl``: the backend module when the caller's plan already decided that the call is eager on plain
     tensors (``fusednorm._plan.Plan.impl``): then only an active TorchDispatchMode is checked here."""
-    if impl is not None and not torch._C._len_torch_dispatch_stack():
+    if impl is not None and not _dispatch_modes():
         return impl.forward(variant, args)
     a = args
     if _eager(a.x):
