@@ -61,7 +61,9 @@ SAVED_ORDER = ("x", "residual", "h", "weight", "residual_scale", "mean", "rstd",
 _PLANS: dict[tuple, list[tuple[Callable[..., bool], Plan]]] = {}
 _MAX_PLANS = 4096
 _MAX_PLANS_PER_KEY = 8  # e.g. the same call with and without requires_grad, under autocast or inference_mode
-_NO_TENSOR = torch.empty(0)  # stands for an absent tensor argument in a facts check (which takes tensors only)
+# Stand for absent tensor arguments in a facts check (which takes tensors only); one per argument, because torch's
+# tensor guard rejects a tensor given twice.
+_NO_RESIDUAL, _NO_WEIGHT, _NO_BIAS, _NO_SCALE = (torch.empty(0) for _ in range(4))
 
 
 def clear() -> None:
@@ -159,8 +161,8 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
                    backends._global_backend, store_stats, type(weight), type(bias), dropout_p, type(dropout_p),
                    prenorm, type(prenorm), residual_in_fp32, type(residual_in_fp32), type(residual),
                    type(residual_scale), None if scale_is_tensor else residual_scale)
-            facts = (x, _NO_TENSOR if residual is None else residual, _NO_TENSOR if weight is None else weight,
-                     _NO_TENSOR if bias is None else bias, residual_scale if scale_is_tensor else _NO_TENSOR)
+            facts = (x, _NO_RESIDUAL if residual is None else residual, _NO_WEIGHT if weight is None else weight,
+                     _NO_BIAS if bias is None else bias, residual_scale if scale_is_tensor else _NO_SCALE)
             for same_facts, plan in _PLANS.get(key, ()):
                 if same_facts(*facts):
                     return plan
@@ -178,7 +180,7 @@ def lookup_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend: str 
         try:
             key = (is_rms, x.shape, eps, type(eps), weight_offset, type(weight_offset), backend,
                    backends._global_backend, store_stats, type(weight), type(bias))
-            facts = (x, _NO_TENSOR if weight is None else weight, _NO_TENSOR if bias is None else bias)
+            facts = (x, _NO_WEIGHT if weight is None else weight, _NO_BIAS if bias is None else bias)
             for same_facts, plan in _PLANS.get(key, ()):
                 if same_facts(*facts):
                     return plan
@@ -215,8 +217,10 @@ def _facts_check(tensors: tuple[Tensor, ...]) -> Callable[..., bool] | None:
     and compared in Python. None when neither can describe the tensors."""
     if _TensorGuards is not None:
         try:
-            return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
-                                 dynamic_dims_strides=[list(t.stride()) for t in tensors]).check
+            check = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                                  dynamic_dims_strides=[list(t.stride()) for t in tensors]).check
+            if check(*tensors):  # it also rejects one tensor given twice (add_layer_norm(x, x, w)): then Python's
+                return check
         except (TypeError, RuntimeError, ValueError):
             pass
     try:

@@ -133,3 +133,43 @@ def test_the_plan_cache_holds_one_entry_per_signature(facts_check):
     for i in range(_plan._MAX_PLANS_PER_KEY + 3):  # same key (x's shape, types, scalars); other weight strides
         fusednorm.layer_norm(x, torch.randn(N, i + 1)[:, 0])
     assert max(len(entries) for entries in _plan._PLANS.values()) == _plan._MAX_PLANS_PER_KEY
+
+
+def _call_kinds():
+    x, r, w, b, s = torch.randn(4, N), torch.randn(4, N), torch.randn(N), torch.randn(N), torch.randn(N)
+    x3 = torch.randn(2, 2, N)
+    ln, add_rms = fusednorm.LayerNorm(N), fusednorm.AddRMSNorm(N, residual_scale="scalar", prenorm=True)
+    return [
+        ("layer_norm", lambda: fusednorm.layer_norm(x, w, b)),
+        ("layer_norm 3-d", lambda: fusednorm.layer_norm(x3, w, b)),
+        ("layer_norm no affine", lambda: fusednorm.layer_norm(x)),
+        ("rms_norm", lambda: fusednorm.rms_norm(x, w)),
+        ("rms_norm eps None", lambda: fusednorm.rms_norm(x, w, eps=None)),
+        ("add_layer_norm", lambda: fusednorm.add_layer_norm(x, r, w, b)),
+        ("add_layer_norm no residual", lambda: fusednorm.add_layer_norm(x, None, w, b)),
+        ("add_rms_norm prenorm", lambda: fusednorm.add_rms_norm(x, r, w, prenorm=True)),
+        ("add_rms_norm residual_in_fp32", lambda: fusednorm.add_rms_norm(x, r, w, residual_in_fp32=True)),
+        ("add_layer_norm constant scale", lambda: fusednorm.add_layer_norm(x, r, w, b, residual_scale=0.5)),
+        ("add_layer_norm vector scale", lambda: fusednorm.add_layer_norm(x, r, w, b, residual_scale=s)),
+        ("add_layer_norm dropout", lambda: fusednorm.add_layer_norm(x, r, w, b, dropout_p=0.1)),
+        ("add_layer_norm residual is x", lambda: fusednorm.add_layer_norm(x, x, w, b)),
+        ("layer_norm bias is weight", lambda: fusednorm.layer_norm(x, w, w)),
+        ("LayerNorm module", lambda: ln(x)),
+        ("AddRMSNorm module", lambda: add_rms(x, r)),
+    ]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_repeated_calls_are_checked_once(facts_check, target, grad, monkeypatch):
+    """Each kind of call is checked and planned at its first call at most (add_layer_norm without a residual
+    finds layer_norm's plan): later calls find their plan."""
+    fusednorm.set_backend(target)
+    checked = []
+    real = _plan.checked
+    monkeypatch.setattr(_plan, "checked", lambda *args: checked.append(args) or real(*args))
+    for name, call in _call_kinds():
+        checked.clear()
+        with torch.set_grad_enabled(grad):
+            for _ in range(3):
+                call()
+        assert len(checked) <= 1, f"{name}: {len(checked)} full checks in 3 calls"
