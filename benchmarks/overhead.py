@@ -252,12 +252,16 @@ def breakdown(rows: int, n: int, calls: int, repeats: int, statistic: str = "min
         ln = (False, x, None, w, b, module.eps, None, 0.0, False, False, 0.0, None)
         add = (False, x, r, w, b, module.eps, None, 0.0, False, False, 0.0, None)
         plan = _plan.lookup(*ln, False, False)
+        facts_check = _plan._facts_check((x, w, b))  # what lookup_norm's cached plan is checked with
         out, four = torch.empty(rows, n), (x, w, torch.empty(rows), torch.empty(rows))
         steps = {
             "module(x)": lambda: module(x),
             "module.forward(x)": lambda: module.forward(x),
-            "functional._call (compile / functorch / telemetry checks, plan, Function)": lambda: fn._call(*ln),
-            "plan lookup, layer_norm": lambda: _plan.lookup(*ln, False, False),
+            "functional._call_norm (compile / functorch / telemetry checks, plan, Function)":
+                lambda: fn._call_norm(False, x, w, b, module.eps, 0.0, None),
+            "plan lookup, layer_norm (lookup_norm)":
+                lambda: _plan.lookup_norm(False, x, w, b, module.eps, 0.0, None, False),
+            "the tensor facts check within it (x, weight, bias)": lambda: facts_check(x, w, b),
             "plan lookup, add_layer_norm": lambda: _plan.lookup(*add, False, False),
             "_NormNoResidual.apply (the Function with its forward)": lambda: fn._NormNoResidual.apply(plan, x, w, b),
             "the forward's own work (ForwardArgs, op layer, stubbed backend)":
