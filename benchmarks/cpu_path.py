@@ -170,7 +170,35 @@ def model_check(calls: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(results, models):
+def float32_statistics_floor(rows: int = 4, n: int = 64, repeats: int = 21) -> list[dict]:
+    """bfloat16 LayerNorm training at a small shape, three ways: fusednorm (the CPU path), ATen's composed ops with
+    the bfloat16 parameters, and ATen's composed ops with float32 copies of the parameters, the cheapest way to make
+    ATen keep LayerNorm's statistics in float32 (what fusednorm does: ATen's 16-bit kernel rounds mean and rstd to
+    16 bits, see fusednorm/cpu_path.py). The third is the floor for anything built from ATen's ops."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(torch.bfloat16).requires_grad_(True)
+
+    x, r, w, b = leaves = rand(rows, n), rand(rows, n), rand(n), rand(n)
+    shape = (n,)
+    cases = [
+        ("layer_norm", lambda: fusednorm.layer_norm(x, w, b), lambda: F.layer_norm(x, shape, w, b),
+         lambda: F.layer_norm(x, shape, w.float(), b.float())),
+        ("add_layer_norm", lambda: fusednorm.add_layer_norm(x, r, w, b), lambda: F.layer_norm(x + r, shape, w, b),
+         lambda: F.layer_norm(x + r, shape, w.float(), b.float())),
+    ]
+    out = []
+    for name, fused, ref, ref_f32 in cases:
+        t_fused, t_ref, t_f32 = paired_us([_train(f, leaves) for f in (fused, ref, ref_f32)], 300, repeats)
+        out.append(dict(case=name, rows=rows, n=n, dtype="bfloat16", train_us=t_fused, aten_train_us=t_ref,
+                        aten_f32_params_train_us=t_f32))
+        print(out[-1], flush=True)
+    return out
+
+
+def markdown(results, models, floor=()):
     lines = [f"CPU path (\"auto\" on the CPU) vs ATen composed: us per call, one thread, median; peak memory: "
              f"resident-set growth over one call, MiB (see benchmarks/cpu_path.py). Goals: time <= {TIME_GOAL}x, "
              f"memory <= {MEMORY_GOAL}x.", "",
@@ -195,6 +223,15 @@ def markdown(results, models):
                   "", "| model | input | replaced | torch.nn | ratio |", "|---|---|---|---|---|"]
         lines += [f"| {m['model']} | {m['shape']} | {m['replaced_us']:.0f} | {m['torch_us']:.0f} | {m['ratio']:.2f} |"
                   for m in models]
+    if floor:
+        lines += ["", "bfloat16 LayerNorm training, float32 statistics: ATen with float32 copies of the parameters "
+                  "(the floor for ATen's ops; see float32_statistics_floor), us per step:", "",
+                  "| case | shape | fusednorm | ATen | ATen, float32 params | fusednorm / ATen | "
+                  "ATen float32 params / ATen | fusednorm / ATen float32 params |", "|---" * 8 + "|"]
+        lines += [f"| {f['case']} | {f['rows']}x{f['n']} | {f['train_us']:.1f} | {f['aten_train_us']:.1f} | "
+                  f"{f['aten_f32_params_train_us']:.1f} | {f['train_us'] / f['aten_train_us']:.2f} | "
+                  f"{f['aten_f32_params_train_us'] / f['aten_train_us']:.2f} | "
+                  f"{f['train_us'] / f['aten_f32_params_train_us']:.2f} |" for f in floor]
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +243,9 @@ def main():
     shapes = ((512, 1024),) if args.quick else SHAPES
     results = run(shapes, DTYPES, budget_elements=4e6)
     models = [] if args.quick else model_check(calls=5, repeats=5)
-    write_results(dict(ops=results, models=models), markdown(results, models), args.out)
+    floor = [] if args.quick else float32_statistics_floor()
+    write_results(dict(ops=results, models=models, float32_statistics_floor=floor),
+                  markdown(results, models, floor), args.out)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def breakdown(rows: int, n: int, calls: int, repeats: int, statistic: str = "min
             "plan lookup, add_layer_norm": lambda: _plan.lookup(*add, False, False),
             "_NormNoResidual.apply (the Function with its forward)": lambda: fn._NormNoResidual.apply(plan, x, w, b),
             "the forward's own work (ForwardArgs, op layer, stubbed backend)":
-                lambda: fn._norm_forward(None, plan, x, None, w, b),
+                lambda: fn._norm_forward(None, plan, x, w, b),
             "nn.Module call of an empty forward (Identity)": lambda: empty(x),
             "bare autograd.Function.apply, 3 tensors needing grad": lambda: _Bare.apply((out,), (), x, w, b),
             "the same, saving 4 tensors": lambda: _Bare.apply((out,), four, x, w, b),

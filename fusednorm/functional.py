@@ -48,11 +48,8 @@ def _rows(t: Tensor) -> Tensor:
 
 def _forward_args(plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
                   bias: Tensor | None, residual_scale: ResidualScale) -> ForwardArgs:
-    """The backend's arguments as (M, N) rows."""
+    """The backend's arguments as (M, N) rows (views, or copies where the strides need them)."""
     seed = draw_seed(x.device) if plan.variant.has_dropout else None
-    if plan.as_given:  # the common eager call: nothing to view or copy (the plan checked the strides)
-        return ForwardArgs(x, residual, weight, bias, residual_scale if plan.learned_scale else None, seed,
-                           plan.eps, plan.scale_value, plan.dropout_p, plan.weight_offset)
     # Kernels index the (N,) parameters with unit stride: a strided view (w[::2], a column of a
     # matrix) is copied once here (N elements) instead of being read with the wrong stride.
     return ForwardArgs(
@@ -105,9 +102,9 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
         if residual is None:  # fewer arguments: each costs in apply
             return _NormNoResidual.apply(plan, x, weight, bias)
         if not plan.learned_scale:  # a constant scale is in the plan
-            return _NormConstantScale.apply(plan, x, residual, weight, bias)
-        return _Norm.apply(plan, x, residual, weight, bias, residual_scale)
-    return _norm_forward(None, plan, x, residual, weight, bias, residual_scale)
+            return _NormConstantScale.apply(plan, x, weight, bias, residual)
+        return _Norm.apply(plan, x, weight, bias, residual, residual_scale)
+    return _norm_forward(None, plan, x, weight, bias, residual, residual_scale)
 
 
 def _call_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend):
@@ -124,14 +121,20 @@ def _call_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend):
         return direct(x, None, weight, bias, None)
     if _grad_enabled():
         return _NormNoResidual.apply(plan, x, weight, bias)
-    return _norm_forward(None, plan, x, None, weight, bias, None)
+    return _norm_forward(None, plan, x, weight, bias)
 
 
-def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, residual: Tensor | None, weight: Tensor | None,
-                  bias: Tensor | None, residual_scale: ResidualScale = None):
-    """The eager forward; ``ctx`` None: no autograd (nothing is saved)."""
+def _norm_forward(ctx, plan: _plan.Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  residual: Tensor | None = None, residual_scale: ResidualScale = None):
+    """The eager forward; ``ctx`` None: no autograd (nothing is saved). The arguments in the order of the
+    Functions' applies, the optional ones last: each Function's forward is this function itself (no extra frame)."""
     variant = plan.variant
-    args = _forward_args(plan, x, residual, weight, bias, residual_scale)
+    if plan.as_given:  # the common eager call: nothing to view or copy (the plan checked the strides)
+        args = ForwardArgs(x, residual, weight, bias, residual_scale if plan.learned_scale else None,
+                           draw_seed(x.device) if variant.has_dropout else None, plan.eps, plan.scale_value,
+                           plan.dropout_p, plan.weight_offset)
+    else:
+        args = _forward_args(plan, x, residual, weight, bias, residual_scale)
     out = ops.forward(variant, args, plan.backend, plan.impl)
     if variant.store_stats:
         sink = stats_sink.get()
@@ -216,24 +219,23 @@ def _not_differentiable_again(grads: tuple) -> tuple:
 
 
 class _Norm(torch.autograd.Function):
-    """The autograd Function of the public functions' eager calls: ``_Norm.apply(plan, x, residual, weight, bias,
+    """The autograd Function of the public functions' eager calls: ``_Norm.apply(plan, x, weight, bias, residual,
     residual_scale)`` with the call's checked plan (no second lookup; few arguments: each costs in apply)."""
 
-    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias, residual_scale): no extra frame
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, weight, bias, residual, residual_scale): no extra frame
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
         # Gradients of inputs that need none are dropped by autograd: no needs_input_grad filter to pay for.
-        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in))
+        dx, dresidual, dweight, dbias, dscale = _norm_backward(ctx, dy, dh_in)
+        return _not_differentiable_again((None, dx, dweight, dbias, dresidual, dscale))
 
 
 class _NormNoResidual(torch.autograd.Function):
     """``_Norm`` for the calls without a residual (and so without a residual_scale): ``apply(plan, x, weight,
     bias)``."""
 
-    @staticmethod
-    def forward(ctx, plan, x, weight, bias):
-        return _norm_forward(ctx, plan, x, None, weight, bias, None)
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, weight, bias): residual and residual_scale None
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -242,13 +244,14 @@ class _NormNoResidual(torch.autograd.Function):
 
 
 class _NormConstantScale(torch.autograd.Function):
-    """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, residual, weight, bias)``."""
+    """``_Norm`` for the calls with a residual and no learned scale: ``apply(plan, x, weight, bias, residual)``."""
 
-    forward = staticmethod(_norm_forward)  # (ctx, plan, x, residual, weight, bias): residual_scale None
+    forward = staticmethod(_norm_forward)  # (ctx, plan, x, weight, bias, residual): residual_scale None
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
-        return _not_differentiable_again((None,) + _norm_backward(ctx, dy, dh_in)[:4])
+        dx, dresidual, dweight, dbias, _ = _norm_backward(ctx, dy, dh_in)
+        return _not_differentiable_again((None, dx, dweight, dbias, dresidual))
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -257,7 +260,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, backend=None):
         plan = _applied_plan(False, x, None, weight, bias, eps, None, 0.0, False, False, weight_offset, backend)
-        return _norm_forward(ctx, plan, x, None, weight, bias, None)
+        return _norm_forward(ctx, plan, x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -272,7 +275,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight=None, eps=1e-6, weight_offset=0.0, backend=None):
         plan = _applied_plan(True, x, None, weight, None, _rms_eps(eps, x), None, 0.0, False, False, weight_offset,
                              backend)
-        return _norm_forward(ctx, plan, x, None, weight, None, None)
+        return _norm_forward(ctx, plan, x, weight, None)
 
     @staticmethod
     def backward(ctx, dy):
@@ -289,7 +292,7 @@ class AddLayerNormFunction(torch.autograd.Function):
                 prenorm=False, residual_in_fp32=False, weight_offset=0.0, backend=None):
         plan = _applied_plan(False, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm,
                              residual_in_fp32, weight_offset, backend)
-        return _norm_forward(ctx, plan, x, residual, weight, bias, residual_scale)
+        return _norm_forward(ctx, plan, x, weight, bias, residual, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):
@@ -306,7 +309,7 @@ class AddRMSNormFunction(torch.autograd.Function):
                 residual_in_fp32=False, weight_offset=0.0, backend=None):
         plan = _applied_plan(True, x, residual, weight, None, _rms_eps(eps, x), residual_scale, dropout_p,
                              prenorm, residual_in_fp32, weight_offset, backend)
-        return _norm_forward(ctx, plan, x, residual, weight, None, residual_scale)
+        return _norm_forward(ctx, plan, x, weight, None, residual, residual_scale)
 
     @staticmethod
     def backward(ctx, dy, dh_in=None):

@@ -149,7 +149,8 @@ class LayerNorm(nn.LayerNorm):
         weight, bias = params.get("weight", _MISSING), params.get("bias", _MISSING)
         if weight is _MISSING or bias is _MISSING:
             weight, bias = _parameter(self, "weight"), _parameter(self, "bias")
-        if type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x):
+        if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape
+                and (x.dtype not in _AUTOCAST_DTYPES or not _autocast_may_upcast(x))):  # float32 x: no call
             # x is (..., N) as the functional layer takes it, and no autocast cast applies: the common call
             return F._call_norm(False, x, weight, bias, self.eps, self.weight_offset, None)
         return layer_norm_like_torch(x, self.normalized_shape, weight, bias, self.eps, self.weight_offset)
@@ -181,7 +182,8 @@ class RMSNorm(nn.RMSNorm):
         weight = self._parameters.get("weight", _MISSING)
         if weight is _MISSING:
             weight = _parameter(self, "weight")
-        if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape and not _autocast_may_upcast(x)
+        if (type(x) is Tensor and x.shape[-1:] == self.normalized_shape
+                and (x.dtype not in _AUTOCAST_DTYPES or not _autocast_may_upcast(x))
                 and (weight is None or weight.dtype == x.dtype or weight.dtype == torch.float32)):
             return F._call_norm(True, x, weight, None, self.eps, self.weight_offset, None)
         return rms_norm_like_torch(x, self.normalized_shape, weight, self.eps, self.weight_offset)
