@@ -243,22 +243,28 @@ def _build(variant: Variant, x_dtype, residual_dtype, weight_dtype, bias_dtype, 
     if (is_rms or prenorm or has_offset or ones_weight or sum_kind not in (_H_IS_X, _H_ADD) or h_dtype != x_dtype
             or p_dtype is not None and not cast_only_for_backward):
         return run
-    if sum_kind == _H_IS_X:
-        def norm_of_x(x, residual, weight, bias, residual_scale):
-            return layer_norm(x, (x.shape[-1],), weight, bias, eps)
-        fast = norm_of_x
-    else:
+    if p_dtype is None:
+        if sum_kind == _H_IS_X:
+            def norm_of_x(x, residual, weight, bias, residual_scale):
+                return layer_norm(x, (x.shape[-1],), weight, bias, eps)
+            return norm_of_x
+
         def norm_of_sum(x, residual, weight, bias, residual_scale):
             return layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
-        fast = norm_of_sum
-    if p_dtype is None:
-        return fast
+        return norm_of_sum
+    # 16-bit parameters: cast only for a backward (``run``); the op itself without one (no call in between)
+    if sum_kind == _H_IS_X:
+        def norm_of_x_without_grad(x, residual, weight, bias, residual_scale):
+            if grad_enabled():
+                return run(x, residual, weight, bias, residual_scale)
+            return layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return norm_of_x_without_grad
 
-    def fast_without_grad(x, residual, weight, bias, residual_scale):  # 16-bit parameters: cast only for a backward
+    def norm_of_sum_without_grad(x, residual, weight, bias, residual_scale):
         if grad_enabled():
             return run(x, residual, weight, bias, residual_scale)
-        return fast(x, residual, weight, bias, residual_scale)
-    return fast_without_grad
+        return layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+    return norm_of_sum_without_grad
 
 
 class _SumSpec(NamedTuple):
