@@ -1,6 +1,7 @@
 """The CPU path ("auto" on the CPU: backend "torch", taken by ``fusednorm.cpu_path``) against ATen's composed ops
-(issue 15, item 3): time and peak memory, forward and forward+backward; and a model with and without
-``fusednorm.replace_norms``.
+(issue 15, item 3): time and peak memory, forward and forward+backward; a model with and without
+``fusednorm.replace_norms``; and, for bfloat16 LayerNorm training at 4x64, what ATen's ops cost when they keep the
+statistics in float32 as fusednorm does (``float32_statistics_floor``).
 
 Time: us per call on one thread, median of repeats, fusednorm and ATen taking turns (``overhead.paired_us``).
 Forward under ``torch.no_grad()``; forward+backward with every input requiring grad, the outputs summed.
