@@ -36,6 +36,12 @@ class ScaleKind(enum.IntEnum):
         return self in (ScaleKind.SCALAR, ScaleKind.VECTOR)
 
 
+def _as_scale_kind(value: int) -> ScaleKind:
+    """``ScaleKind(value)``, without the call when value is one already: torch.compile traces this in the calls it
+    compiles, and torch 2.11's dynamo cannot call an enum class there ("Unexpected type in sourceless builder")."""
+    return value if type(value) is ScaleKind else ScaleKind(value)
+
+
 # Bit offsets of the flag word that crosses into C++ (csrc/fusednorm.h: the kFlag* constants).
 # SCALE_KIND takes two bits. Never reuse a bit for another meaning: the word is part of the op schema.
 FLAG_BITS = {"is_rms": 0, "has_residual": 1, "scale_kind": 2, "has_dropout": 4, "prenorm": 5,
@@ -63,7 +69,7 @@ class Variant:
     store_stats: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "scale_kind", ScaleKind(self.scale_kind))
+        object.__setattr__(self, "scale_kind", _as_scale_kind(self.scale_kind))
         if not self.has_residual and (self.scale_kind != ScaleKind.NONE or self.residual_f32):
             raise ValueError(f"a residual scale or dtype needs a residual: {self}")
         if self.is_rms and self.has_bias:
@@ -81,7 +87,7 @@ class Variant:
                   has_weight: bool, has_bias: bool, store_stats: bool = False) -> Variant:
         """The variant of a public call, from its (validated) arguments."""
         has_residual = residual_dtype is not None
-        learned = ScaleKind(scale_kind).learned
+        learned = _as_scale_kind(scale_kind).learned
         store_h = prenorm or (has_residual and not learned)
         # h keeps the residual stream's dtype, or float32 on request (never narrower than x's float64).
         if residual_in_fp32 and x_dtype != torch.float64:
