@@ -173,3 +173,18 @@ def test_repeated_calls_are_checked_once(facts_check, target, grad, monkeypatch)
             for _ in range(3):
                 call()
         assert len(checked) <= 1, f"{name}: {len(checked)} full checks in 3 calls"
+
+
+def test_the_plan_cache_keeps_no_tensor_alive(facts_check):
+    """Plans hold facts, not tensors: an activation or a parameter is freed when its caller drops it."""
+    import gc
+    import weakref
+
+    x, weight, residual, scale = torch.randn(4, N), torch.randn(N), torch.randn(4, N), torch.randn(N)
+    fusednorm.layer_norm(x, weight)
+    fusednorm.add_layer_norm(x, residual, weight, residual_scale=scale)
+    refs = [weakref.ref(t) for t in (x, weight, residual, scale)]
+    del x, weight, residual, scale
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert _plan._PLANS  # the plans themselves are still cached
