@@ -143,8 +143,8 @@ def lookup(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout
 
     The facts are split in two, because reading them is what costs (each tensor attribute read builds a Python
     object, ~50 ns): the dict key holds the scalars, the tensors' Python types and x's shape; the tensors'
-    dtypes, devices, sizes and layouts are compared by one check per cached plan (``_facts_check``: one C++ call
-    for all of them, where available)."""
+    dtypes, devices, sizes, strides and layouts are compared by one check per cached plan (``_facts_check``:
+    one C++ call for all of them, where available)."""
     if compiling:
         return checked(is_rms, x, residual, weight, bias, eps, residual_scale, dropout_p, prenorm, residual_in_fp32,
                        weight_offset, backend, store_stats, compiling)
@@ -209,7 +209,8 @@ def _checked_and_cached(key, facts, is_rms, x, residual, weight, bias, eps, resi
 
 def _facts_check(tensors: tuple[Tensor, ...]) -> Callable[..., bool] | None:
     """``check(*others) -> bool``: whether ``others`` (as many tensors, in the same order) have the facts of
-    ``tensors`` that a plan depends on: dtype, device, sizes, strides and layout. With torch's C++ tensor
+    ``tensors`` that a plan depends on: dtype, device, sizes, strides and layout (torch's check below also
+    keeps the plans of calls with and without requires_grad apart: harmless). With torch's C++ tensor
     guard (``torch._C._dynamo.guards.TensorGuards``, what torch.compile checks its graphs' inputs with:
     dispatch keys, which hold the device type and layout, device index, dtype, sizes, strides, requires_grad)
     one call checks all of them at about the cost of reading two tensor attributes in Python. That is a
@@ -230,9 +231,9 @@ def _facts_check(tensors: tuple[Tensor, ...]) -> Callable[..., bool] | None:
     return lambda *others: _facts(others) == expected
 
 
-def _facts(tensors: tuple[Tensor, ...]) -> tuple:
-    return tuple((t.dtype, t.device, t.shape, t.layout, t.stride() if t.layout == torch.strided else None)
-                 for t in tensors)
+def _facts(tensors: tuple[Tensor, ...]) -> list:
+    # stride() raises for the layouts without strides (sparse): lookup then takes the full checks, which reject them
+    return [(t.dtype, t.device, t.shape, t.stride()) for t in tensors]
 
 
 def _tensor_guards_work() -> bool:
