@@ -220,7 +220,8 @@ def _facts_check(tensors: tuple[Tensor, ...]) -> Callable[..., bool] | None:
         try:
             check = _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
                                   dynamic_dims_strides=[list(t.stride()) for t in tensors]).check
-            if check(*tensors):  # it also rejects one tensor given twice (add_layer_norm(x, x, w)): then Python's
+            # It also rejects one tensor given twice (add_layer_norm(x, x, w)): such calls get the Python check.
+            if check(*tensors):
                 return check
         except (TypeError, RuntimeError, ValueError):
             pass

@@ -108,7 +108,9 @@ def _call(is_rms: bool, x, residual, weight, bias, eps, residual_scale, dropout_
 
 
 def _call_norm(is_rms: bool, x, weight, bias, eps, weight_offset, backend):
-    """``_call`` of layer_norm / rms_norm and their modules (no residual, scale or dropout): fewer arguments."""
+    """``_call`` of layer_norm / rms_norm and their modules (no residual, scale or dropout). Its steps repeat
+    ``_call``'s with five arguments fewer at each level: on the most frequent call each argument and each extra
+    frame is a visible part of the host cost (benchmarks/overhead.py)."""
     if is_rms and eps is None:
         eps = _rms_eps(eps, x)
     if _is_compiling():
